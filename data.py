@@ -1,0 +1,264 @@
+"""NSMC for sentence generation: find or download the corpus, read it strictly, turn each
+review into `polarity review</s>` token ids once, cache them, and serve batches.
+
+Every batch is a slice of one pre-tokenized tensor: no per-example Python work while
+training. Padding is masked by length (attention 0, label -100), never by token id.
+"""
+import hashlib
+import itertools
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
+
+POLARITY = {1: "긍정", 0: "부정"}        # the word each review is prefixed with
+NSMC_FILES = ("ratings_train.txt", "ratings_test.txt")
+NSMC_HEADER = ["id", "document", "label"]
+CACHE_VERSION = 1                       # bump when the cached layout changes
+
+
+class InputError(Exception):
+    """Something the user can fix (a file, a line, a flag): printed as one line, no traceback."""
+
+
+# --------------------------------------------------------------------------- the corpus
+
+def corpus_files(root_dir, corpus_name="nsmc"):
+    """Paths of NSMC's train and test files under `root_dir/nsmc/`, downloading only those
+    that are missing (Korpora.fetch opens the network even when the files are there)."""
+    folder = Path(root_dir).expanduser() / corpus_name
+    paths = [folder / name for name in NSMC_FILES]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        if corpus_name != "nsmc":
+            raise InputError(f"--downstream_corpus_name {corpus_name}: no {missing[0]}; "
+                             f"only nsmc can be downloaded, other corpora must be on disk")
+        download_nsmc(folder, missing)
+    return paths
+
+
+def download_nsmc(folder, missing):
+    """Fetch NSMC with Korpora into a scratch folder, then move the missing files into
+    place, so that an interrupted download never leaves a truncated file behind."""
+    try:
+        from Korpora import Korpora
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder) as scratch:
+            Korpora.fetch("nsmc", root_dir=scratch)
+            for path in missing:
+                os.replace(Path(scratch) / "nsmc" / path.name, path)
+    except Exception as e:  # no network, proxy, read-only folder, ...: all end the same way
+        raise InputError(
+            f"NSMC is not at {missing[0]} and downloading it failed ({first_line(e)}); "
+            f"put {' and '.join(NSMC_FILES)} in {folder}/ or point "
+            f"--downstream_corpus_root_dir at the folder that holds nsmc/") from e
+
+
+@dataclass
+class Reviews:
+    texts: list
+    labels: list          # 1 positive, 0 negative
+    blank: int = 0        # reviews skipped because their text is empty
+
+
+def read_nsmc(path):
+    """Read an NSMC file as strict TSV: header `id<TAB>document<TAB>label`, three fields a
+    line, no quoting (reviews contain `"`), label 0 or 1. A UTF-8 BOM and CRLF line endings
+    are accepted; blank reviews are skipped and counted; anything else names its line."""
+    path = Path(path)
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise InputError(f"{path}:{line}: byte 0x{raw[e.start]:02x} is not UTF-8; "
+                         f"re-save the file as UTF-8") from None
+    lines = text.splitlines()  # also drops the \r of CRLF files
+    if not lines:
+        raise InputError(f"{path}: the file is empty; expected the header "
+                         f"'id<TAB>document<TAB>label' and one review per line")
+    if lines[0].split("\t") != NSMC_HEADER:
+        raise InputError(f"{path}:1: expected the header 'id<TAB>document<TAB>label', found "
+                         f"{lines[0][:60]!r}; NSMC's files start with that header")
+    reviews = Reviews([], [])
+    for number, line in enumerate(lines[1:], start=2):
+        fields = line.split("\t")
+        if len(fields) != 3:
+            raise InputError(f"{path}:{number}: expected 3 tab-separated fields "
+                             f"(id, document, label), found {len(fields)}; fix or delete the line")
+        _, document, label = fields
+        if label not in ("0", "1"):
+            raise InputError(f"{path}:{number}: label must be 0 or 1, found {label!r}")
+        if not document.strip():
+            reviews.blank += 1
+            continue
+        reviews.texts.append(document)
+        reviews.labels.append(int(label))
+    return reviews
+
+
+def first_line(error):
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:200]
+
+
+# --------------------------------------------------------------------------- features
+
+@dataclass
+class Features:
+    """A split as fixed-width token ids: `input_ids[i, :lengths[i]]` is one example,
+    the rest of the row is padding."""
+    input_ids: torch.Tensor   # int32 [N, max_seq_length]
+    lengths: torch.Tensor     # int32 [N]
+    labels: torch.Tensor      # int8 [N], the review's polarity
+    blank: int = 0
+    truncated: int = 0
+
+    def __len__(self):
+        return len(self.lengths)
+
+
+def min_seq_length(tokenizer):
+    """The shortest `max_seq_length` that leaves room for one review token: the longest
+    polarity word, one review token, and `</s>`."""
+    prefix = max(len(tokenizer(word, add_special_tokens=False)["input_ids"])
+                 for word in POLARITY.values())
+    return prefix + 2
+
+
+def encode(reviews, tokenizer, max_seq_length):
+    """`polarity review</s>` as token ids. The review is cut to fit; `</s>` always stays,
+    so the model learns where a review ends."""
+    prompts = [f"{POLARITY[label]} {text}" for text, label in zip(reviews.texts, reviews.labels)]
+    # The fast tokenizer encodes the whole list in Rust, in parallel; truncation keeps
+    # the left (the polarity word) and leaves one position for </s>.
+    pieces = tokenizer(prompts, add_special_tokens=False, truncation=True,
+                       max_length=max_seq_length - 1)["input_ids"]
+    input_ids = torch.full((len(pieces), max_seq_length), tokenizer.pad_token_id, dtype=torch.int32)
+    lengths = torch.empty(len(pieces), dtype=torch.int32)
+    for row, ids in enumerate(pieces):
+        input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.int32)
+        input_ids[row, len(ids)] = tokenizer.eos_token_id
+        lengths[row] = len(ids) + 1
+    return Features(input_ids, lengths, torch.tensor(reviews.labels, dtype=torch.int8),
+                    blank=reviews.blank, truncated=int((lengths == max_seq_length).sum()))
+
+
+def cache_path(cache_dir, corpus_file, tokenizer, max_seq_length):
+    """The cache file for one corpus file, keyed by everything that changes its features:
+    the file's bytes, the tokenizer (its full definition) and `max_seq_length`."""
+    key = hashlib.sha256()
+    with open(corpus_file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            key.update(chunk)
+    key.update(tokenizer.backend_tokenizer.to_str().encode())
+    key.update(f"{max_seq_length}|{tokenizer.eos_token_id}|{tokenizer.pad_token_id}|"
+               f"{CACHE_VERSION}".encode())
+    return Path(cache_dir).expanduser() / f"{Path(corpus_file).stem}-{key.hexdigest()[:16]}.pt"
+
+
+def load_features(corpus_file, tokenizer, max_seq_length, cache_dir):
+    """Features of `corpus_file`, from the cache when it has them, else read, tokenized
+    and cached. The cache holds plain tensors and ints, so `torch.load` needs no pickle."""
+    cached = cache_path(cache_dir, corpus_file, tokenizer, max_seq_length)
+    if cached.is_file():
+        return Features(**torch.load(cached, weights_only=True))
+    features = encode(read_nsmc(corpus_file), tokenizer, max_seq_length)
+    write_atomically(cached, lambda tmp: torch.save(vars(features), tmp))
+    return features
+
+
+def write_atomically(path, write):
+    """Call `write(tmp)` then rename tmp to `path`: readers see the old file or the whole
+    new one, never half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def default_cache_dir():
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "kogpt2-nsmc"
+
+
+# --------------------------------------------------------------------------- batches
+
+class ReviewBatches(torch.utils.data.Dataset):
+    """Indexed by a list of example indices, returns the whole batch in a few tensor ops.
+
+    `fixed_shape=True` (XLA) pads every batch to `max_seq_length` and to `batch_size` rows
+    (extra rows are all padding, so they add no loss) so one compiled graph serves every
+    step; otherwise a batch is cut to its longest example, which is less work."""
+
+    def __init__(self, features, pad_token_id, fixed_shape, batch_size):
+        self.features = features
+        self.pad_token_id = pad_token_id
+        self.fixed_shape = fixed_shape
+        self.batch_size = batch_size
+
+    def __len__(self):
+        return len(self.features)
+
+    def __getitem__(self, indices):
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        lengths = self.features.lengths[indices].long()
+        width = self.features.input_ids.shape[1] if self.fixed_shape else int(lengths.max())
+        input_ids = self.features.input_ids[indices, :width].long()
+        if self.fixed_shape and len(indices) < self.batch_size:
+            missing = self.batch_size - len(indices)
+            input_ids = torch.cat([input_ids, input_ids.new_full((missing, width), self.pad_token_id)])
+            lengths = torch.cat([lengths, lengths.new_zeros(missing)])
+        real = torch.arange(width) < lengths[:, None]
+        return {"input_ids": input_ids,
+                "attention_mask": real.long(),
+                "labels": input_ids.masked_fill(~real, -100)}
+
+
+class TrainBatches:
+    """Index batches for one replica: each epoch a fresh shuffle (DistributedSampler's,
+    keyed by seed and epoch), sharded across replicas, only full batches. `start_epoch`
+    can skip the batches already trained on, so a resumed run continues mid-epoch with
+    the very same data order."""
+
+    def __init__(self, num_examples, batch_size, world_size, rank, seed):
+        self.sampler = DistributedSampler(range(num_examples), num_replicas=world_size,
+                                          rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.batch_size = batch_size
+        self.skip = 0
+
+    def start_epoch(self, epoch, skip_batches=0):
+        self.sampler.set_epoch(epoch)
+        self.skip = skip_batches
+
+    def __iter__(self):
+        batches = BatchSampler(self.sampler, self.batch_size, drop_last=True)
+        return itertools.islice(iter(batches), self.skip, None)
+
+    def __len__(self):
+        return len(self.sampler) // self.batch_size - self.skip
+
+
+def eval_batches(num_examples, batch_size, world_size, rank):
+    """Index batches for one replica's share of the validation set: every example exactly
+    once across replicas (DistributedSampler would repeat some to even the shards out)."""
+    shard = list(range(rank, num_examples, world_size))
+    return [shard[i:i + batch_size] for i in range(0, len(shard), batch_size)]
+
+
+def batches_per_epoch(num_examples, batch_size, world_size):
+    """Full batches each replica trains on per epoch (the rest is dropped)."""
+    return (num_examples // world_size) // batch_size
+
+
+def make_loader(dataset, batches, workers, pin_memory):
+    # batch_size=None: `batches` yields lists of indices and the dataset builds each batch.
+    # A private generator keeps the loader from drawing on the global RNG, which drives
+    # dropout and must replay exactly after a resume.
+    return DataLoader(dataset, sampler=batches, batch_size=None, num_workers=workers,
+                      pin_memory=pin_memory, generator=torch.Generator().manual_seed(0))

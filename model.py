@@ -1,0 +1,72 @@
+"""Tokenizer and model: load them from the hub or a local directory, save them in
+Hugging Face format so that `from_pretrained(directory)` loads what training wrote."""
+from pathlib import Path
+
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from data import InputError, first_line
+
+# KoGPT2's tokenizer files do not name its special tokens; its model card passes them
+# to from_pretrained. They sit at ids <s>=0 </s>=1 <usr>=2 <pad>=3 <sys>=4 <unk>=5 <mask>=6.
+KOGPT2_SPECIAL_TOKENS = dict(bos_token="</s>", eos_token="</s>", unk_token="<unk>",
+                             pad_token="<pad>", mask_token="<mask>")
+
+
+def load_tokenizer(name):
+    """The fast tokenizer of `name` (hub name or directory) with KoGPT2's special tokens.
+
+    A tokenizer whose vocabulary lacks them keeps its own; one with no pad token pads with
+    its end-of-text token, which is harmless here because padding is masked by length."""
+    check_loadable(name)
+    tokenizer = from_pretrained(PreTrainedTokenizerFast, name)
+    vocab = tokenizer.get_vocab()
+    tokenizer.add_special_tokens({role: token for role, token in KOGPT2_SPECIAL_TOKENS.items()
+                                  if token in vocab})
+    if tokenizer.eos_token is None:
+        raise InputError(f"--pretrained_model_name {name}: the tokenizer has no end-of-text "
+                         f"token (KoGPT2's is </s>), so a review's end cannot be marked")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name, tokenizer):
+    """The causal LM `name`, checked to cover every id the tokenizer can produce."""
+    model = from_pretrained(AutoModelForCausalLM, name)
+    if model.config.vocab_size < len(tokenizer):
+        raise InputError(f"--pretrained_model_name {name}: the model knows "
+                         f"{model.config.vocab_size} tokens but its tokenizer has "
+                         f"{len(tokenizer)}; use the tokenizer the model was trained with")
+    return model
+
+
+def check_loadable(name):
+    """Fail early, in one line, when `name` is neither a model directory nor reachable."""
+    from_pretrained(AutoConfig, name)
+
+
+def from_pretrained(cls, name):
+    try:
+        return cls.from_pretrained(name)
+    except (OSError, ValueError, ImportError) as e:
+        if Path(name).is_dir():
+            hint = "the directory needs config.json, model weights and tokenizer.json"
+        else:
+            hint = ("it is not a local directory and could not be downloaded: check the name "
+                    "and the network, or pass a local directory (offline: HF_HUB_OFFLINE=1)")
+        raise InputError(f"--pretrained_model_name {name}: {hint} ({first_line(e)})") from None
+
+
+def cpu_state_dict(model):
+    """The model's weights on the CPU, each tied tensor once (GPT-2's output layer shares
+    the token embedding; `from_pretrained` ties it again)."""
+    unique = {name for name, _ in model.named_parameters()}
+    unique |= {name for name, _ in model.named_buffers()}
+    return {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()
+            if name in unique}
+
+
+def save_pretrained(model, tokenizer, directory, state_dict):
+    """Write config, safetensors weights and tokenizer in Hugging Face's layout."""
+    model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
