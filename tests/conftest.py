@@ -1,0 +1,53 @@
+"""Shared fixtures: a tiny KoGPT2 stand-in and an NSMC-format corpus in temporary folders,
+and a helper that runs `python train.py` as a real process."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach for the network
+
+import fixtures  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A tokenizer trained on the fixture text plus a 2-layer, 64-wide GPT-2."""
+    texts = [doc for doc, _ in fixtures.make_reviews(400)] + ['"최고의 영화" 라고']
+    return fixtures.build_tiny_kogpt2(tmp_path_factory.mktemp("model"), texts)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """`root` holding nsmc/ratings_train.txt (256 reviews plus a blank, a quoted and a
+    long one) and nsmc/ratings_test.txt (64 reviews)."""
+    return fixtures.write_corpus(tmp_path / "corpus")
+
+
+@pytest.fixture
+def train_args(tiny_model, corpus, tmp_path):
+    """Arguments for a quick run of train.py on the fixtures; tests append their own."""
+    return ["--pretrained_model_name", str(tiny_model),
+            "--downstream_corpus_root_dir", str(corpus),
+            "--downstream_model_dir", str(tmp_path / "out"),
+            "--cache_dir", str(tmp_path / "cache"),
+            "--batch_size", "16", "--learning_rate", "1e-3", "--log_every", "1",
+            "--device", "cpu"]
+
+
+def run_train(args, env=None, timeout=600, **kwargs):
+    """`python train.py ARGS` as a real process; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT,
+                          env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+
+
+def read_metrics(out_dir, event=None):
+    lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
+    events = [json.loads(line) for line in lines]
+    return [e for e in events if event is None or e["event"] == event]
