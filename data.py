@@ -6,6 +6,7 @@ training. Padding is masked by length (attention 0, label -100), never by token 
 """
 import hashlib
 import itertools
+import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -154,10 +155,19 @@ def cache_path(cache_dir, corpus_file, tokenizer, max_seq_length):
     with open(corpus_file, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             key.update(chunk)
-    key.update(tokenizer.backend_tokenizer.to_str().encode())
+    key.update(tokenizer_fingerprint(tokenizer).encode())
     key.update(f"{max_seq_length}|{tokenizer.eos_token_id}|{tokenizer.pad_token_id}|"
                f"{CACHE_VERSION}".encode())
     return Path(cache_dir).expanduser() / f"{Path(corpus_file).stem}-{key.hexdigest()[:16]}.pt"
+
+
+def tokenizer_fingerprint(tokenizer):
+    """The tokenizer's full definition, minus the truncation and padding settings that
+    each call leaves behind in it."""
+    definition = json.loads(tokenizer.backend_tokenizer.to_str())
+    definition.pop("truncation", None)
+    definition.pop("padding", None)
+    return json.dumps(definition, sort_keys=True)
 
 
 def load_features(corpus_file, tokenizer, max_seq_length, cache_dir):

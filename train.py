@@ -308,11 +308,11 @@ def count_targets(batch):
     return (batch["labels"][:, 1:] != -100).sum()
 
 
-def train_step(run, window):
-    """One optimizer step over `window`, a list of micro-batches. The loss is the mean over
-    every real token of the global batch: each token weighs the same, however the tokens
-    fall across micro-batches and replicas. Returns (loss sum, token count) on the device."""
-    model, backend = run.model, run.backend
+def accumulate_gradients(model, window, backend):
+    """Backward over `window`, a list of micro-batches, so that once the replicas' gradients
+    are averaged they are those of the mean loss over every real token of the global
+    batch: each token weighs the same however tokens fall across micro-batches and
+    replicas. Returns this replica's loss sum and the global token count, on the device."""
     n_tokens = backend.all_reduce_sum(sum(count_targets(batch) for batch in window))
     loss_sum = torch.zeros((), device=backend.device)
     for batch in window:
@@ -321,12 +321,18 @@ def train_step(run, window):
         # Replica gradients are averaged, so each replica scales its share by world_size.
         (batch_loss * backend.world_size / n_tokens).backward()
         loss_sum += batch_loss.detach()
-    backend.reduce_gradients(run.optimizer)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), run.args.max_grad_norm)
+    return loss_sum, n_tokens
+
+
+def train_step(run, window):
+    """One optimizer step; returns the global loss sum and token count, on the device."""
+    loss_sum, n_tokens = accumulate_gradients(run.model, window, run.backend)
+    run.backend.reduce_gradients(run.optimizer)
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.args.max_grad_norm)
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return backend.all_reduce_sum(loss_sum), n_tokens
+    return run.backend.all_reduce_sum(loss_sum), n_tokens
 
 
 def windows(batches, size):
@@ -390,12 +396,12 @@ def evaluate(run):
     return val_loss, math.exp(min(val_loss, 50))
 
 
-def evaluate_and_keep_best(run):
+def evaluate_and_keep_best(run, export=True):
     val_loss, perplexity = evaluate(run)
     if not math.isfinite(val_loss):
         raise NonFiniteLoss(f"validation loss is {val_loss} at step {run.progress.step}")
     run.log({"event": "eval", "val_loss": val_loss, "perplexity": perplexity})
-    if val_loss < run.progress.best_val_loss:
+    if export and val_loss < run.progress.best_val_loss:
         run.progress.best_val_loss = val_loss
         export_best(run)
     return val_loss
@@ -780,6 +786,8 @@ def train(backend, args):
     stop = StopSignal
     run = setup(backend, args)
     progress, meter = run.progress, run.meter
+    if progress.step == 0:
+        evaluate_and_keep_best(run, export=False)  # the starting point, for comparison
     bar = tqdm(total=run.total_steps, initial=progress.step, desc="train",
                dynamic_ncols=True, disable=not backend.is_master)
     while progress.step < run.total_steps:

@@ -1,0 +1,143 @@
+"""Reading NSMC, turning reviews into features, the cache, and batches."""
+import pytest
+import torch
+
+import data
+import fixtures
+from model import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    return load_tokenizer(str(tiny_model))
+
+
+def test_tokenizer_has_kogpt2_special_tokens_at_kogpt2_ids(tokenizer):
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (1, 1)
+    assert (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.mask_token_id) == (3, 5, 6)
+
+
+def test_reader_keeps_quotes_and_skips_blank_reviews(corpus):
+    reviews = data.read_nsmc(corpus / "nsmc" / "ratings_train.txt")
+    assert reviews.blank == 1
+    assert len(reviews.texts) == len(reviews.labels) == 258
+    assert '"최고의 영화" 라고 "말하고" 싶다"' in reviews.texts  # csv quoting would mangle it
+    assert set(reviews.labels) == {0, 1}
+
+
+def test_reader_accepts_bom_and_crlf(tmp_path):
+    path = tmp_path / "crlf.txt"
+    path.write_bytes("\ufeffid\tdocument\tlabel\r\n1\t좋다\t1\r\n2\t싫다\t0\r\n".encode())
+    reviews = data.read_nsmc(path)
+    assert (reviews.texts, reviews.labels) == (["좋다", "싫다"], [1, 0])
+
+
+@pytest.mark.parametrize("content, message", [
+    ("id\tdocument\tlabel\n1\t좋다\t1\n2\t싫다\n", "bad.txt:3: expected 3 tab-separated fields"),
+    ("id\tdocument\tlabel\n1\t좋다\t1\n2\t싫다\t5\n", "bad.txt:3: label must be 0 or 1, found '5'"),
+    ("id\tdocument\tlabel\n1\t좋\tdu\t1\n", "bad.txt:2: expected 3 tab-separated fields"),
+    ("document\tlabel\n좋다\t1\n", "bad.txt:1: expected the header"),
+    ("", "bad.txt: the file is empty"),
+])
+def test_malformed_lines_are_named(tmp_path, content, message):
+    path = tmp_path / "bad.txt"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(data.InputError, match=message):
+        data.read_nsmc(path)
+
+
+def test_bytes_that_are_not_utf8_are_named(tmp_path):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(b"id\tdocument\tlabel\n1\tok\t1\n2\t\xff\xfe\t0\n")
+    with pytest.raises(data.InputError, match=r"bad.txt:3: byte 0xff is not UTF-8"):
+        data.read_nsmc(path)
+
+
+def test_features_are_polarity_review_eos(tokenizer):
+    reviews = data.Reviews(["최고 영화", "최악 영화"], [1, 0])
+    features = data.encode(reviews, tokenizer, max_seq_length=16)
+    for row, (text, word) in enumerate([("최고 영화", "긍정"), ("최악 영화", "부정")]):
+        ids = features.input_ids[row, :features.lengths[row]].tolist()
+        assert ids[-1] == tokenizer.eos_token_id
+        assert tokenizer.decode(ids[:-1]) == f"{word} {text}"
+        assert (features.input_ids[row, features.lengths[row]:] == tokenizer.pad_token_id).all()
+    assert features.labels.tolist() == [1, 0]
+
+
+def test_truncation_cuts_the_review_and_keeps_eos(tokenizer):
+    reviews = data.Reviews([" ".join(["정말"] * 50)], [1])
+    features = data.encode(reviews, tokenizer, max_seq_length=8)
+    ids = features.input_ids[0].tolist()
+    assert features.lengths.tolist() == [8] and features.truncated == 1
+    assert ids[-1] == tokenizer.eos_token_id and ids.count(tokenizer.eos_token_id) == 1
+    assert tokenizer.decode(ids[:-1]).startswith("긍정 정말")
+
+
+def test_batches_mask_padding_in_labels_and_pass_no_token_type_ids(tokenizer):
+    reviews = data.Reviews(["최고", "정말 너무 재밌다 추천"], [1, 1])
+    features = data.encode(reviews, tokenizer, max_seq_length=16)
+    batch = data.ReviewBatches(features, tokenizer.pad_token_id, fixed_shape=False, batch_size=2)[[0, 1]]
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    width = int(features.lengths.max())
+    assert batch["input_ids"].shape == (2, width)                 # cut to the longest
+    real = batch["attention_mask"].bool()
+    assert real.sum(1).tolist() == features.lengths.tolist()
+    assert (batch["labels"][~real] == -100).all()                 # exactly the padding
+    assert (batch["labels"][real] == batch["input_ids"][real]).all()
+    assert (batch["input_ids"][~real] == tokenizer.pad_token_id).all()
+
+
+def test_fixed_shape_batches_pad_rows_and_columns(tokenizer):
+    reviews = data.Reviews(["최고", "별로"], [1, 0])
+    features = data.encode(reviews, tokenizer, max_seq_length=16)
+    batch = data.ReviewBatches(features, tokenizer.pad_token_id, fixed_shape=True, batch_size=4)[[1]]
+    assert batch["input_ids"].shape == (4, 16)
+    assert (batch["labels"][1:] == -100).all()                    # filler rows add no loss
+
+
+def test_cache_is_reused_and_keyed_by_content(tokenizer, corpus, tmp_path, monkeypatch):
+    train_file = corpus / "nsmc" / "ratings_train.txt"
+    first = data.load_features(train_file, tokenizer, 32, tmp_path / "cache")
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+
+    def no_reading(path):
+        raise AssertionError("the cache should have been used")
+    monkeypatch.setattr(data, "read_nsmc", no_reading)
+    second = data.load_features(train_file, tokenizer, 32, tmp_path / "cache")
+    assert torch.equal(first.input_ids, second.input_ids) and second.blank == first.blank
+
+    monkeypatch.undo()
+    fixtures.write_nsmc(train_file, [("다른 내용", 1)])           # new content: a new key
+    third = data.load_features(train_file, tokenizer, 32, tmp_path / "cache")
+    assert len(third) == 1 and len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_sharding_and_step_counts_for_1_and_8_replicas():
+    n, batch = 1000, 16
+    for world in (1, 8):
+        shards = []
+        for rank in range(world):
+            batches = data.TrainBatches(n, batch, world, rank, seed=7)
+            batches.start_epoch(0)
+            shards.append([i for b in batches for i in b])
+            assert len(batches) == data.batches_per_epoch(n, batch, world) == (n // world) // batch
+        flat = [i for s in shards for i in s]
+        assert len(flat) == len(set(flat)) == world * (n // world // batch) * batch  # disjoint
+    assert data.batches_per_epoch(1000, 16, 8) == 7
+
+
+def test_each_epoch_reshuffles_and_resume_skips_exactly():
+    batches = data.TrainBatches(100, 10, 1, 0, seed=7)
+    batches.start_epoch(0)
+    epoch0 = list(batches)
+    batches.start_epoch(1)
+    epoch1 = list(batches)
+    assert epoch0 != epoch1
+    batches.start_epoch(1, skip_batches=3)
+    assert list(batches) == epoch1[3:] and len(batches) == 7
+
+
+def test_eval_shards_cover_every_example_once():
+    for world in (1, 8):
+        seen = [i for rank in range(world) for b in data.eval_batches(103, 4, world, rank) for i in b]
+        assert sorted(seen) == list(range(103))
