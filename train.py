@@ -213,6 +213,9 @@ class Backend:
     def barrier(self, name):
         pass
 
+    def sync(self):
+        """Finish the work queued on the device (XLA runs a step's graph lazily)."""
+
     def seed(self, seed):
         torch.manual_seed(seed)
 
@@ -235,7 +238,7 @@ class XlaBackend(Backend):
         import torch_xla.core.xla_model as xm
         import torch_xla.distributed.parallel_loader as pl
         import torch_xla.runtime as xr
-        self.xm, self.pl = xm, pl
+        self.torch_xla, self.xm, self.pl = torch_xla, xm, pl
         self.device = torch_xla.device()
         self.world_size = xr.world_size()
         self.rank = xr.global_ordinal()
@@ -275,6 +278,11 @@ class XlaBackend(Backend):
 
     def barrier(self, name):
         self.xm.rendezvous(name)
+
+    def sync(self):
+        # Otherwise each tensor read back (weights for a checkpoint) would compile and run
+        # a graph of its own.
+        self.torch_xla.sync()
 
     def seed(self, seed):
         torch.manual_seed(seed)
@@ -447,8 +455,9 @@ def save_checkpoint(run):
     the previous checkpoint as it was. Every replica takes part: each writes its own RNG
     state and learns whether all writes succeeded (xm.save is not used because a write
     that fails on one replica would leave the others waiting in its barrier forever)."""
-    check_finite(run)
     backend, out = run.backend, Path(run.args.downstream_model_dir)
+    backend.sync()
+    check_finite(run)
     final = out / f"checkpoint-{run.progress.step}"
     tmp = out / f"checkpoint-{run.progress.step}.tmp"
     error = None
@@ -788,32 +797,31 @@ def train(backend, args):
     progress, meter = run.progress, run.meter
     if progress.step == 0:
         evaluate_and_keep_best(run, export=False)  # the starting point, for comparison
-    bar = tqdm(total=run.total_steps, initial=progress.step, desc="train",
-               dynamic_ncols=True, disable=not backend.is_master)
-    while progress.step < run.total_steps:
-        run.train_batches.start_epoch(progress.epoch, skip_batches=progress.batches_done)
-        for window in windows(backend.feed(run.train_loader), args.grad_accum_steps):
-            lr = run.optimizer.param_groups[0]["lr"]  # the rate this step uses
-            loss_sum, tokens = train_step(run, window)
-            progress.step += 1
-            progress.batches_done += len(window)
-            meter.add(loss_sum, tokens)
-            bar.update(1)
-            if progress.step % args.log_every == 0 or progress.step == run.total_steps:
-                backend.on_host(report, run, meter.loss_sum, meter.tokens, meter.first_bad_step,
-                                progress.step, lr, time.perf_counter() - meter.started, bar)
-                meter.reset()
-            if run.nonfinite:
-                raise NonFiniteLoss(run.nonfinite)
-            if after_step(run, stop):
-                signum = stop.signum or signal.SIGTERM  # the signal may have hit another replica
-                raise Interrupted(
-                    f"stopped by {signal.Signals(signum).name} at step {progress.step}: saved "
-                    f"{Path(args.downstream_model_dir) / f'checkpoint-{progress.step}'}. "
-                    f"To continue, run the same command with --resume latest", signum)
-            if progress.step >= run.total_steps:
-                break
-    bar.close()
+    with tqdm(total=run.total_steps, initial=progress.step, desc="train", dynamic_ncols=True,
+              disable=not backend.is_master) as bar:  # closed before any error is printed
+        while progress.step < run.total_steps:
+            run.train_batches.start_epoch(progress.epoch, skip_batches=progress.batches_done)
+            for window in windows(backend.feed(run.train_loader), args.grad_accum_steps):
+                lr = run.optimizer.param_groups[0]["lr"]  # the rate this step uses
+                loss_sum, tokens = train_step(run, window)
+                progress.step += 1
+                progress.batches_done += len(window)
+                meter.add(loss_sum, tokens)
+                bar.update(1)
+                if progress.step % args.log_every == 0 or progress.step == run.total_steps:
+                    backend.on_host(report, run, meter.loss_sum, meter.tokens, meter.first_bad_step,
+                                    progress.step, lr, time.perf_counter() - meter.started, bar)
+                    meter.reset()
+                if run.nonfinite:
+                    raise NonFiniteLoss(run.nonfinite)
+                if after_step(run, stop):
+                    signum = stop.signum or signal.SIGTERM  # the signal may have hit another replica
+                    raise Interrupted(
+                        f"stopped by {signal.Signals(signum).name} at step {progress.step}: saved "
+                        f"{Path(args.downstream_model_dir) / f'checkpoint-{progress.step}'}. "
+                        f"To continue, run the same command with --resume latest", signum)
+                if progress.step >= run.total_steps:
+                    break
     if backend.is_master:
         print(f"done: best val_loss {progress.best_val_loss:.4f}; model in "
               f"{args.downstream_model_dir}", flush=True)
@@ -892,10 +900,10 @@ def main(argv=None):
     return 0
 
 
-if __name__ == "__mp_main__":
-    # xmp.spawn imports this file as the main module of each replica process, in that
-    # process's main thread; the replica itself then trains in a worker thread, where
-    # Python cannot install signal handlers. So they are installed here.
+if __name__ == "__mp_main__" or multiprocessing.parent_process() is not None:
+    # A replica process started by xmp.spawn imports this module in its main thread (as
+    # __mp_main__ when it was the script run, else as `train`), then trains in a worker
+    # thread, where Python cannot install signal handlers: install them now.
     StopSignal.install()
 
 if __name__ == "__main__":

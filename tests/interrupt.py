@@ -1,0 +1,69 @@
+"""Run train.py with a fault at a chosen optimizer step, as a real process:
+
+    python tests/interrupt.py FAULT STEP -- <train.py arguments>
+
+FAULT is one of
+  sigkill        SIGKILL right after step STEP is computed (nothing else runs)
+  sigterm        SIGTERM at the same point (the run should save and exit)
+  kill-in-save   SIGKILL while checkpoint-STEP is being written
+  disk-full      the write of checkpoint-STEP fails with ENOSPC
+  nan            the loss of step STEP is NaN
+"""
+import errno
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import train  # noqa: E402
+
+
+def at_step(function, step, fault):
+    """Wrap `function(run, ...)` so that `fault()` runs when it works on step `step`."""
+    def wrapped(run, *args, **kwargs):
+        if run.progress.step + 1 == step and fault is not None:
+            return fault(function, run, *args, **kwargs)
+        return function(run, *args, **kwargs)
+    return wrapped
+
+
+def after(sig):
+    def fault(function, *args, **kwargs):
+        result = function(*args, **kwargs)
+        os.kill(os.getpid(), sig)
+        return result
+    return fault
+
+
+def main():
+    fault, step, dashes, *train_args = sys.argv[1:]
+    step = int(step)
+    assert dashes == "--", __doc__
+    if fault in ("sigkill", "sigterm"):
+        sig = signal.SIGKILL if fault == "sigkill" else signal.SIGTERM
+        train.train_step = at_step(train.train_step, step, after(sig))
+    elif fault == "kill-in-save":
+        # save_checkpoint runs after the step's counter moved on: step STEP is done.
+        train.training_state = at_step(train.training_state, step + 1,
+                                       lambda *a: os.kill(os.getpid(), signal.SIGKILL))
+    elif fault == "disk-full":
+        def no_space(function, run, *args):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        train.training_state = at_step(train.training_state, step + 1, no_space)
+    elif fault == "nan":
+        original = train.accumulate_gradients
+        calls = {"n": 0}
+
+        def nan_loss(model, window, backend):
+            calls["n"] += 1
+            loss_sum, tokens = original(model, window, backend)
+            return (loss_sum * float("nan") if calls["n"] == step else loss_sum), tokens
+        train.accumulate_gradients = nan_loss
+    else:
+        sys.exit(f"unknown fault {fault!r}")
+    sys.exit(train.main(train_args))
+
+
+if __name__ == "__main__":
+    main()
