@@ -8,6 +8,7 @@ import hashlib
 import itertools
 import json
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,8 +177,16 @@ def load_features(corpus_file, tokenizer, max_seq_length, cache_dir):
     cached = cache_path(cache_dir, corpus_file, tokenizer, max_seq_length)
     if cached.is_file():
         return Features(**torch.load(cached, weights_only=True))
-    features = encode(read_nsmc(corpus_file), tokenizer, max_seq_length)
-    write_atomically(cached, lambda tmp: torch.save(vars(features), tmp))
+    reviews = read_nsmc(corpus_file)
+    if not reviews.texts:
+        raise InputError(f"{corpus_file}: no reviews with text; the file holds only a header "
+                         f"or blank reviews")
+    features = encode(reviews, tokenizer, max_seq_length)
+    try:
+        write_atomically(cached, lambda tmp: torch.save(vars(features), tmp))
+    except OSError as e:  # the features are in hand; only the next run pays for this
+        print(f"warning: could not cache {corpus_file} in {cached.parent} ({first_line(e)}); "
+              f"the next run will tokenize it again", file=sys.stderr)
     return features
 
 

@@ -662,8 +662,9 @@ class Run:
         if self.backend.is_master:
             epoch = round(self.progress.step / self.steps_per_epoch, 4)
             event = {**event, "step": self.progress.step, "epoch": epoch}
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(event) + "\n")
+            with saving(self.metrics_path, previous=self.metrics_path.parent):
+                with open(self.metrics_path, "a") as f:
+                    f.write(json.dumps(event) + "\n")
             if event["event"] == "eval":
                 tqdm.write(f"step {event['step']}: val_loss {event['val_loss']:.4f} "
                            f"perplexity {event['perplexity']:.2f}")
@@ -684,6 +685,10 @@ def setup(backend, args):
     train_features, val_features = load_corpus(args, tokenizer)
     batches, steps_per_epoch, _ = replica_steps(len(train_features), args.batch_size,
                                                 backend.world_size, args.grad_accum_steps)
+    if batches == 0:
+        raise InputError(f"{len(train_features)} training examples cannot fill one batch of "
+                         f"--batch_size {args.batch_size} on each of {backend.world_size} "
+                         f"replicas; lower --batch_size")
     total_steps = steps_per_epoch * args.epochs
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
@@ -725,13 +730,8 @@ def load_corpus(args, tokenizer):
                          f"{data.min_seq_length(tokenizer)}")
     train_file, val_file = data.corpus_files(args.downstream_corpus_root_dir,
                                              args.downstream_corpus_name)
-    features = [data.load_features(f, tokenizer, args.max_seq_length, args.cache_dir)
-                for f in (train_file, val_file)]
-    for f, feats in zip((train_file, val_file), features):
-        if len(feats) == 0:
-            raise InputError(f"{f}: no reviews with text; the file holds only a header "
-                             f"or blank reviews")
-    return features
+    return [data.load_features(f, tokenizer, args.max_seq_length, args.cache_dir)
+            for f in (train_file, val_file)]
 
 
 def print_banner(run, train_features, val_features, warmup, checkpoint):

@@ -141,3 +141,12 @@ def test_eval_shards_cover_every_example_once():
     for world in (1, 8):
         seen = [i for rank in range(world) for b in data.eval_batches(103, 4, world, rank) for i in b]
         assert sorted(seen) == list(range(103))
+
+
+def test_a_cache_that_cannot_be_written_is_a_warning(tokenizer, corpus, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    features = data.load_features(corpus / "nsmc" / "ratings_train.txt", tokenizer, 32,
+                                  blocker / "cache")
+    assert len(features) == 258
+    assert "warning: could not cache" in capsys.readouterr().err
