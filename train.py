@@ -10,30 +10,29 @@ The file reads top to bottom: arguments, the backend, the training step, evaluat
 checkpoints, the loop, and `main`, which prepares the data once and starts the loop in
 one process or, on a TPU host, in one process per chip through `xmp.spawn`.
 """
+import argparse
+import contextlib
+import fcntl
+import importlib.util
+import json
+import math
+import multiprocessing
 import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
-# transformers imports torch_xla when it is installed, and torch_xla then sets
-# PJRT_DEVICE=CPU on every machine without a TPU. Keep what the user set, before that.
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+# transformers (imported by model.py) imports torch_xla when it is installed, and torch_xla
+# then sets PJRT_DEVICE=CPU on every machine without a TPU. Keep what the user set.
 USER_PJRT_DEVICE = os.environ.get("PJRT_DEVICE")
-
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import fcntl  # noqa: E402
-import importlib.util  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import multiprocessing  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-import sys  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from dataclasses import asdict, dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
 
 import data  # noqa: E402
 import sched  # noqa: E402
@@ -460,16 +459,16 @@ def save_checkpoint(run):
     check_finite(run)
     final = out / f"checkpoint-{run.progress.step}"
     tmp = out / f"checkpoint-{run.progress.step}.tmp"
-    error = None
-    try:
-        if backend.is_master:
-            shutil.rmtree(tmp, ignore_errors=True)
-            save_pretrained(run.model, run.tokenizer, tmp, cpu_state_dict(run.model))
-            torch.save(training_state(run), tmp / "training_state.pt")
-        backend.barrier("checkpoint-started")
-        torch.save(backend.rng_state(), tmp / f"rng_state_{backend.rank}.pt")
-    except OSError as e:
-        error = e
+
+    def write_model_and_state():
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_pretrained(run.model, run.tokenizer, tmp, cpu_state_dict(run.model))
+        torch.save(training_state(run), tmp / "training_state.pt")
+
+    error = write_or_error(write_model_and_state) if backend.is_master else None
+    backend.barrier("checkpoint-started")  # the folder exists before the replicas write in it
+    error = error or write_or_error(
+        lambda: torch.save(backend.rng_state(), tmp / f"rng_state_{backend.rank}.pt"))
     if backend.any_replica(error is not None):
         if backend.is_master:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -484,6 +483,15 @@ def save_checkpoint(run):
         prune_checkpoints(out, run.args.keep_checkpoints)
     backend.barrier("checkpoint-done")
     return final
+
+
+def write_or_error(write):
+    """Run `write()`; return the OSError it raised (a full disk, say), or None."""
+    try:
+        write()
+    except OSError as e:
+        return e
+    return None
 
 
 def training_state(run):
@@ -780,46 +788,50 @@ def after_step(run, stop):
     stopping = False
     if backend.world_size == 1 or progress.step % args.log_every == 0:
         stopping = backend.any_replica(stop.signum is not None)
+    paused = time.perf_counter()
     if epoch_done or last or (args.eval_every and progress.step % args.eval_every == 0):
         evaluate_and_keep_best(run)  # before saving, so the checkpoint knows the best loss
     if (epoch_done or last or stopping
             or (args.save_every_steps and progress.step % args.save_every_steps == 0)):
         save_checkpoint(run)
+    run.meter.started += time.perf_counter() - paused  # tokens/s counts training time only
     return stopping
+
+
+def step_and_report(run, window, bar):
+    """Train on one window of micro-batches, count it, and report the loss when due."""
+    progress, meter = run.progress, run.meter
+    lr = run.optimizer.param_groups[0]["lr"]  # the rate this step uses
+    loss_sum, tokens = train_step(run, window)
+    progress.step += 1
+    progress.batches_done += len(window)
+    meter.add(loss_sum, tokens)
+    bar.update(1)
+    if progress.step % run.args.log_every == 0 or progress.step == run.total_steps:
+        run.backend.on_host(report, run, meter.loss_sum, meter.tokens, meter.first_bad_step,
+                            progress.step, lr, time.perf_counter() - meter.started, bar)
+        meter.reset()
+    if run.nonfinite:
+        raise NonFiniteLoss(run.nonfinite)
 
 
 def train(backend, args):
     """The whole run on one replica: every backend enters here."""
     if threading.current_thread() is threading.main_thread():
         StopSignal.install()  # XLA replicas: see the end of this file
-    stop = StopSignal
     run = setup(backend, args)
-    progress, meter = run.progress, run.meter
+    progress = run.progress
     if progress.step == 0:
         evaluate_and_keep_best(run, export=False)  # the starting point, for comparison
+    run.meter.reset()
     with tqdm(total=run.total_steps, initial=progress.step, desc="train", dynamic_ncols=True,
               disable=not backend.is_master) as bar:  # closed before any error is printed
         while progress.step < run.total_steps:
             run.train_batches.start_epoch(progress.epoch, skip_batches=progress.batches_done)
             for window in windows(backend.feed(run.train_loader), args.grad_accum_steps):
-                lr = run.optimizer.param_groups[0]["lr"]  # the rate this step uses
-                loss_sum, tokens = train_step(run, window)
-                progress.step += 1
-                progress.batches_done += len(window)
-                meter.add(loss_sum, tokens)
-                bar.update(1)
-                if progress.step % args.log_every == 0 or progress.step == run.total_steps:
-                    backend.on_host(report, run, meter.loss_sum, meter.tokens, meter.first_bad_step,
-                                    progress.step, lr, time.perf_counter() - meter.started, bar)
-                    meter.reset()
-                if run.nonfinite:
-                    raise NonFiniteLoss(run.nonfinite)
-                if after_step(run, stop):
-                    signum = stop.signum or signal.SIGTERM  # the signal may have hit another replica
-                    raise Interrupted(
-                        f"stopped by {signal.Signals(signum).name} at step {progress.step}: saved "
-                        f"{Path(args.downstream_model_dir) / f'checkpoint-{progress.step}'}. "
-                        f"To continue, run the same command with --resume latest", signum)
+                step_and_report(run, window, bar)
+                if after_step(run, StopSignal):
+                    raise interrupted(run, StopSignal.signum)
                 if progress.step >= run.total_steps:
                     break
     if backend.is_master:
@@ -827,9 +839,26 @@ def train(backend, args):
               f"{args.downstream_model_dir}", flush=True)
 
 
+def interrupted(run, signum):
+    signum = signum or signal.SIGTERM  # the signal may have reached another replica only
+    saved = Path(run.args.downstream_model_dir) / f"checkpoint-{run.progress.step}"
+    return Interrupted(f"stopped by {signal.Signals(signum).name} at step {run.progress.step}: "
+                       f"saved {saved}. To continue, run the same command with --resume latest",
+                       signum)
+
+
 def train_on_xla(index, args):
     """Entry point of each XLA process (xmp.spawn passes the process index first)."""
+    exit_with_launcher()
     train(XlaBackend(args.precision), args)
+
+
+def exit_with_launcher():
+    """A replica must not outlive its launcher (killed by SIGKILL, say): it would go on
+    writing into an output directory that a new run may by then own."""
+    launcher = multiprocessing.parent_process()
+    if launcher is not None:  # None when xmp.spawn runs the replica in this process
+        threading.Thread(target=lambda: (launcher.join(), os._exit(1)), daemon=True).start()
 
 
 # --------------------------------------------------------------------------- main

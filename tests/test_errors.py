@@ -5,7 +5,6 @@ import sys
 
 import pytest
 
-import fixtures
 import train
 from conftest import run_train
 

@@ -172,3 +172,21 @@ def test_resume_refuses_changed_shapes_and_warns_about_harmless_changes(train_ar
 def test_resume_latest_with_no_checkpoint_starts_afresh(train_args, capsys):
     assert train.main(train_args + ["--max_steps", "2", "--resume", "latest"]) == 0
     assert "no checkpoint in" in capsys.readouterr().err
+
+
+def test_xla_replicas_exit_with_a_killed_launcher(train_args, tmp_path):
+    import psutil
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *train_args,
+                                "--epochs", "1000", "--device", "xla"], cwd=ROOT,
+                               env={**os.environ, "PJRT_DEVICE": "CPU"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_training(out, process)
+        replicas = psutil.Process(process.pid).children()
+        assert replicas
+        process.kill()
+        gone, alive = psutil.wait_procs(replicas, timeout=60)
+        assert not alive, "a replica outlived its launcher"
+    finally:
+        process.kill()
