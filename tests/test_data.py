@@ -150,3 +150,38 @@ def test_a_cache_that_cannot_be_written_is_a_warning(tokenizer, corpus, tmp_path
                                   blocker / "cache")
     assert len(features) == 258
     assert "warning: could not cache" in capsys.readouterr().err
+
+
+def test_a_tokenizer_without_pad_pads_with_its_end_token(tmp_path):
+    from tokenizers import SentencePieceBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+    backend = SentencePieceBPETokenizer()
+    backend.train_from_iterator(["긍정 부정 좋은 영화", "나쁜 영화"], vocab_size=60,
+                                special_tokens=["<|endoftext|>"], show_progress=False)
+    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>").save_pretrained(tmp_path)
+    from transformers import GPT2Config
+    GPT2Config(vocab_size=60).save_pretrained(tmp_path)
+    tokenizer = load_tokenizer(str(tmp_path))
+    assert tokenizer.pad_token == tokenizer.eos_token == "<|endoftext|>"
+    features = data.encode(data.Reviews(["좋은 영화"], [1]), tokenizer, 8)
+    batch = data.ReviewBatches(features, tokenizer.pad_token_id, True, 1)[[0]]
+    assert (batch["labels"] != -100).sum() == features.lengths[0]   # padding masked by length
+
+
+def test_only_missing_corpus_files_are_downloaded(tmp_path, monkeypatch):
+    from Korpora import Korpora
+    folder = tmp_path / "nsmc"
+    fixtures.write_nsmc(folder / "ratings_train.txt", [("있던 파일", 1)])
+    before = (folder / "ratings_train.txt").read_bytes()
+
+    def fake_fetch(name, root_dir):  # what Korpora does: both files under root_dir/nsmc/
+        for f in data.NSMC_FILES:
+            fixtures.write_nsmc(tmp_path / root_dir / "nsmc" / f, [("내려받은 파일", 0)])
+    monkeypatch.setattr(Korpora, "fetch", fake_fetch)
+    train_file, test_file = data.corpus_files(tmp_path, "nsmc")
+    assert train_file.read_bytes() == before                        # left as it was
+    assert data.read_nsmc(test_file).texts == ["내려받은 파일"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(data.NSMC_FILES)  # no scratch left
+
+    monkeypatch.setattr(Korpora, "fetch", lambda *a, **k: pytest.fail("files were there"))
+    assert data.corpus_files(tmp_path, "nsmc") == [train_file, test_file]
