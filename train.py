@@ -51,7 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--pretrained_model_name", default="skt/kogpt2-base-v2",
                    help="hub name or local directory of a GPT-2-family model and its tokenizer")
     p.add_argument("--downstream_corpus_name", default="nsmc",
-                   help="corpus folder under --downstream_corpus_root_dir")
+                   help="corpus folder under --downstream_corpus_root_dir, or the absolute "
+                        "path of one, holding ratings_train.txt and ratings_test.txt")
     p.add_argument("--downstream_corpus_root_dir", default="~/Korpora",
                    help="holds nsmc/ratings_train.txt and nsmc/ratings_test.txt; "
                         "only missing files are downloaded")
@@ -99,6 +100,10 @@ def parse_args(argv=None):
                         "in --downstream_model_dir")
     p.add_argument("--cache_dir", default=str(data.default_cache_dir()),
                    help="where tokenized corpora are cached")
+    p.add_argument("--train_file", default=None,
+                   help="your own corpus instead of NSMC, with --val_file: NSMC's layout, "
+                        "'document<TAB>label' lines, or plain text (no labels, no polarity word)")
+    p.add_argument("--val_file", default=None, help="the validation file of --train_file")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     return p.parse_args(argv)
 
@@ -704,18 +709,20 @@ def setup(backend, args):
 
 def load_corpus(args, tokenizer):
     """Train and validation features, from the cache after the first run."""
-    if args.max_seq_length < data.min_seq_length(tokenizer):
-        raise InputError(f"--max_seq_length {args.max_seq_length} is too small: the polarity "
-                         f"word and </s> leave no room for the review; use at least "
-                         f"{data.min_seq_length(tokenizer)}")
     train_file, val_file = data.corpus_files(args.downstream_corpus_root_dir,
-                                             args.downstream_corpus_name)
+                                             args.downstream_corpus_name,
+                                             args.train_file, args.val_file)
     features = [data.load_features(f, tokenizer, args.max_seq_length, args.cache_dir)
                 for f in (train_file, val_file)]
     for f, feats in zip((train_file, val_file), features):
         if len(feats) == 0:
             raise InputError(f"{f}: no reviews with text; the file holds only a header "
                              f"or blank reviews")
+    if (features[0].labels is None) != (features[1].labels is None):
+        unlabelled, labelled = ((train_file, val_file) if features[0].labels is None
+                                else (val_file, train_file))
+        raise InputError(f"{unlabelled} has no labels but {labelled} has; give both files "
+                         f"labels, or neither")
     return features
 
 
@@ -723,12 +730,15 @@ def print_banner(run, train_features, val_features, warmup, checkpoint):
     args, backend = run.args, run.backend
     _, _, global_batch = replica_steps(len(train_features), args.batch_size,
                                        backend.world_size, args.grad_accum_steps)
+    polarity = ("긍정 or 부정 before each review" if train_features.labels is not None
+                else "none (no labels: plain language modelling)")
     lines = [
         f"device:           {backend.describe()}",
         f"model:            {args.pretrained_model_name}",
         f"train examples:   {len(train_features):,} ({train_features.blank} blank skipped, "
         f"{train_features.truncated:,} cut to {args.max_seq_length} tokens)",
         f"val examples:     {len(val_features):,} ({val_features.blank} blank skipped)",
+        f"polarity word:    {polarity}",
         f"batch:            {args.batch_size} x {backend.world_size} replicas x "
         f"{args.grad_accum_steps} accumulation = {global_batch} examples per step",
         f"steps:            {run.steps_per_epoch:,} per epoch, {run.total_steps:,} in all, "
