@@ -36,6 +36,7 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import data  # noqa: E402
+import generate  # noqa: E402
 import sched  # noqa: E402
 from data import InputError  # noqa: E402
 from model import cpu_state_dict, load_model, load_tokenizer, save_pretrained  # noqa: E402
@@ -104,6 +105,9 @@ def parse_args(argv=None):
                    help="your own corpus instead of NSMC, with --val_file: NSMC's layout, "
                         "'document<TAB>label' lines, or plain text (no labels, no polarity word)")
     p.add_argument("--val_file", default=None, help="the validation file of --train_file")
+    p.add_argument("--polarity_eval_size", type=int, default=1000,
+                   help="validation reviews scored for polarity accuracy at each evaluation "
+                        "(0: none)")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     return p.parse_args(argv)
 
@@ -123,6 +127,8 @@ def check_args(args):
         raise InputError(f"--warmup_steps must be 0 or more, got {args.warmup_steps}")
     if args.cpu_workers < 0:
         raise InputError(f"--cpu_workers must be 0 or more, got {args.cpu_workers}")
+    if args.polarity_eval_size < 0:
+        raise InputError(f"--polarity_eval_size must be 0 or more, got {args.polarity_eval_size}")
     if args.tpu_cores == 0 and args.device == "xla":
         raise InputError("--tpu_cores 0 contradicts --device xla; drop one of them")
     # A local model is recorded by absolute path, so a resumed run from another
@@ -230,6 +236,10 @@ class Backend:
         if state["cuda"] is not None:
             torch.cuda.set_rng_state(state["cuda"])
 
+    def generation_model(self, model):
+        """The model that `generate` samples from (in eval mode): this one."""
+        return model
+
 
 class XlaBackend(Backend):
     """PyTorch/XLA: one replica per TPU chip (or core), each in its own process."""
@@ -291,6 +301,12 @@ class XlaBackend(Backend):
     def set_rng_state(self, state):
         torch.set_rng_state(state["cpu"])
         self.xm.set_rng_state(state["xla"], self.device)
+
+    def generation_model(self, model):
+        """A copy on the CPU: `generate` on XLA compiles a graph for almost every token.
+        Built from the weights alone, so no random initialisation touches the RNG."""
+        return type(model).from_pretrained(None, config=model.config,
+                                           state_dict=to_cpu(model.state_dict()))
 
 
 def replica_steps(num_examples, batch_size, world_size, grad_accum_steps):
@@ -395,11 +411,54 @@ def evaluate(run):
     return val_loss, math.exp(min(val_loss, 50))
 
 
+def evaluate_polarity(run):
+    """How well the model keeps the polarities apart: its polarity accuracy on
+    --polarity_eval_size validation reviews, and one short review of each polarity (the
+    master's). Nothing for a corpus without labels."""
+    features = run.val_loader.dataset.features  # the validation set, as its loader holds it
+    if features.labels is None:
+        return {}
+    result = {}
+    run.model.eval()
+    if run.args.polarity_eval_size:
+        result["polarity_accuracy"] = polarity_accuracy(run, features)
+    if run.backend.is_master:
+        result["samples"] = training_samples(run)
+    run.model.train()
+    return result
+
+
+def polarity_accuracy(run, features):
+    """generate.polarity_accuracy on every replica at once: each scores its share of the
+    reviews, in batches of one shape on XLA, and the counts are summed across replicas."""
+    args, backend = run.args, run.backend
+    dataset = generate.PolarityBatches(features, run.tokenizer, args.polarity_eval_size,
+                                       backend.fixed_shapes, args.batch_size)
+    index_batches = data.eval_batches(len(dataset), args.batch_size, backend.world_size,
+                                      backend.rank)
+    loader = data.make_loader(dataset, index_batches, args.cpu_workers, backend.pin_memory)
+    with backend.autocast():
+        counts = generate.polarity_counts(run.model, run.tokenizer, backend.feed(loader))
+    correct, total = backend.all_reduce_sum(torch.stack(counts)).tolist()  # one host read
+    return correct / total
+
+
+def training_samples(run):
+    """One short review of each polarity. Seeded, and drawn without touching the training
+    RNG, so a run with samples trains exactly as one without."""
+    model = run.backend.generation_model(run.model)
+    settings = {**generate.SAMPLING, "max_new_tokens": 20}
+    return {word: generate.write_reviews(model, run.tokenizer, word, settings,
+                                         seed=run.args.seed)[0]
+            for word in data.POLARITY.values()}
+
+
 def evaluate_and_keep_best(run):
     val_loss, perplexity = evaluate(run)
     if not math.isfinite(val_loss):
         raise NonFiniteLoss(f"validation loss is {val_loss} at step {run.progress.step}")
-    run.log({"event": "eval", "val_loss": val_loss, "perplexity": perplexity})
+    run.log({"event": "eval", "val_loss": val_loss, "perplexity": perplexity,
+             **evaluate_polarity(run)})
     if val_loss < run.progress.best_val_loss:
         run.progress.best_val_loss = val_loss
         export_best(run)
@@ -655,8 +714,13 @@ class Run:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(event) + "\n")
             if event["event"] == "eval":
-                tqdm.write(f"step {event['step']}: val_loss {event['val_loss']:.4f} "
-                           f"perplexity {event['perplexity']:.2f}")
+                line = (f"step {event['step']}: val_loss {event['val_loss']:.4f} "
+                        f"perplexity {event['perplexity']:.2f}")
+                if "polarity_accuracy" in event:
+                    line += f" polarity_accuracy {event['polarity_accuracy']:.4f}"
+                tqdm.write(line)
+                for polarity, review in event.get("samples", {}).items():
+                    tqdm.write(f"  {polarity}: {review}")
 
 
 def truncate_metrics(path, step):

@@ -135,6 +135,7 @@ def test_train_on_a_two_column_corpus_folder(train_args, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "train examples:   64 " in result.stdout
     assert "polarity word:    긍정 or 부정 before each review" in result.stdout
+    assert "polarity_accuracy" in read_metrics(tmp_path / "out", "eval")[-1]
 
 
 def test_train_on_plain_text_files_without_polarity(train_args, tmp_path):

@@ -1,5 +1,5 @@
-"""Using the fine-tuned model: reviews written on request, and polarity accuracy (the
-model read as a classifier)."""
+"""Using the fine-tuned model: reviews written on request, polarity accuracy (the model
+read as a classifier), and both at each evaluation of train.py."""
 import re
 from types import SimpleNamespace
 
@@ -9,7 +9,7 @@ import torch
 import data
 import fixtures
 import generate
-from conftest import run_train
+from conftest import read_metrics, run_train
 from model import load_model, load_tokenizer
 
 SETTINGS = {**generate.SAMPLING, "max_new_tokens": 12}
@@ -162,3 +162,30 @@ def test_bad_input_is_one_line(argv, message, capsys):
     assert generate.main(argv) == 1
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1
+
+
+# --------------------------------------------------------------------------- while training
+
+def test_each_evaluation_reports_polarity_accuracy_and_samples(trained):
+    evaluations = read_metrics(trained.out, "eval")
+    assert [e["step"] for e in evaluations] == [16, 32, 48, 64, 80]
+    assert all(0 <= e["polarity_accuracy"] <= 1 for e in evaluations)
+    assert evaluations[-1]["polarity_accuracy"] >= 0.9
+    assert all(set(e["samples"]) == {"긍정", "부정"} for e in evaluations)
+    assert f"polarity_accuracy {evaluations[-1]['polarity_accuracy']:.4f}" in trained.stdout
+    assert f"  부정: {evaluations[-1]['samples']['부정']}\n" in trained.stdout
+
+
+def test_evaluating_does_not_change_training(train_args, tmp_path):
+    """Samples and polarity accuracy draw nothing from the training RNG: the losses of a
+    run that evaluates after every step are those of one that does not, bit for bit."""
+    losses = []
+    for out, extra in [("quiet", ["--polarity_eval_size", "0"]), ("busy", ["--eval_every", "1"])]:
+        result = run_train(train_args + ["--max_steps", "6", "--downstream_model_dir",
+                                         str(tmp_path / out), *extra])
+        assert result.returncode == 0, result.stderr
+        losses.append([e["loss"] for e in read_metrics(tmp_path / out, "train")])
+    [quiet] = read_metrics(tmp_path / "quiet", "eval")  # the last step's only
+    assert "polarity_accuracy" not in quiet and "samples" in quiet
+    assert len(read_metrics(tmp_path / "busy", "eval")) == 6
+    assert losses[0] == losses[1]
