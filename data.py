@@ -1,5 +1,6 @@
-"""NSMC for sentence generation: find or download the corpus, read it strictly, turn each
-review into `polarity review</s>` token ids once, cache them, and serve batches.
+"""NSMC for sentence generation: find or download the corpus (or take your own files), read
+it strictly, turn each review into `polarity review</s>` token ids once (`text</s>` for a
+corpus without labels), cache them, and serve batches.
 
 Every batch is a slice of one pre-tokenized tensor: no per-example Python work while
 training. Padding is masked by length (attention 0, label -100), never by token id.
@@ -19,7 +20,8 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 POLARITY = {1: "긍정", 0: "부정"}        # the word each review is prefixed with
 NSMC_FILES = ("ratings_train.txt", "ratings_test.txt")
 NSMC_HEADER = ["id", "document", "label"]
-CACHE_VERSION = 1                       # bump when the cached layout changes
+PAIR_HEADER = ["document", "label"]     # the optional header of a two-column corpus
+CACHE_VERSION = 2                       # bump when the cached layout changes
 
 
 class InputError(Exception):
@@ -28,10 +30,17 @@ class InputError(Exception):
 
 # --------------------------------------------------------------------------- the corpus
 
-def corpus_files(root_dir, corpus_name="nsmc"):
-    """Paths of NSMC's train and test files under `root_dir/nsmc/`, downloading only those
-    that are missing (Korpora.fetch opens the network even when the files are there)."""
-    folder = Path(root_dir).expanduser() / corpus_name
+def corpus_files(root_dir, corpus_name="nsmc", train_file=None, val_file=None):
+    """The train and validation files: `train_file` and `val_file` when given, else
+    ratings_train.txt and ratings_test.txt in the folder `root_dir/corpus_name` (an
+    absolute `corpus_name` is that folder itself). Of NSMC, only the missing files are
+    downloaded (Korpora.fetch opens the network even when the files are there)."""
+    if train_file or val_file:
+        if not (train_file and val_file):
+            raise InputError("--train_file and --val_file go together: give both (the "
+                             "validation file decides which model is kept as the best)")
+        return [given_file("--train_file", train_file), given_file("--val_file", val_file)]
+    folder = Path(root_dir).expanduser() / Path(corpus_name).expanduser()
     paths = [folder / name for name in NSMC_FILES]
     missing = [p for p in paths if not p.is_file()]
     if missing:
@@ -40,6 +49,13 @@ def corpus_files(root_dir, corpus_name="nsmc"):
                              f"only nsmc can be downloaded, other corpora must be on disk")
         download_nsmc(folder, missing)
     return paths
+
+
+def given_file(flag, name):
+    path = Path(name).expanduser()
+    if not path.is_file():
+        raise InputError(f"{flag} {name}: no such file")
+    return path
 
 
 def download_nsmc(folder, missing):
@@ -62,14 +78,39 @@ def download_nsmc(folder, missing):
 @dataclass
 class Reviews:
     texts: list
-    labels: list          # 1 positive, 0 negative
+    labels: list          # 1 positive, 0 negative; None for a corpus without labels
     blank: int = 0        # reviews skipped because their text is empty
 
 
-def read_nsmc(path):
-    """Read an NSMC file as strict TSV: header `id<TAB>document<TAB>label`, three fields a
-    line, no quoting (reviews contain `"`), label 0 or 1. A UTF-8 BOM and CRLF line endings
-    are accepted; blank reviews are skipped and counted; anything else names its line."""
+def read_corpus(path):
+    """Read a corpus file strictly, in the layout its first line shows:
+
+    - NSMC: the header `id<TAB>document<TAB>label`, then three fields a line;
+    - two columns: `document<TAB>label` lines, the first of them either that very header
+      or already a review;
+    - plain text: no tab on the first line. Every line is then one text without a label
+      (trained with no polarity word), and a tab on a later line is an error: it means a
+      labelled file whose first line lost its tab.
+
+    Fields are split on tabs with no quoting (reviews contain `"`); labels are 0 or 1.
+    A UTF-8 BOM and CRLF line endings are accepted; blank texts are skipped and counted;
+    anything else names its line."""
+    lines = read_lines(path)
+    numbered = list(enumerate(lines, start=1))
+    first = lines[0].split("\t")
+    if first in (NSMC_HEADER, PAIR_HEADER):
+        return read_labelled(path, numbered[1:], columns=first)
+    if len(first) == 2:
+        return read_labelled(path, numbered, columns=PAIR_HEADER)
+    if len(first) == 1:
+        return read_plain(path, numbered)
+    raise InputError(f"{path}:1: expected the header 'id<TAB>document<TAB>label', found "
+                     f"{lines[0][:60]!r}; NSMC's files start with that header (other "
+                     f"layouts: 'document<TAB>label' lines, or plain text without tabs)")
+
+
+def read_lines(path):
+    """The lines of a UTF-8 text file, without line endings; at least one."""
     path = Path(path)
     raw = path.read_bytes()
     try:
@@ -82,23 +123,42 @@ def read_nsmc(path):
     if not lines:
         raise InputError(f"{path}: the file is empty; expected the header "
                          f"'id<TAB>document<TAB>label' and one review per line")
-    if lines[0].split("\t") != NSMC_HEADER:
-        raise InputError(f"{path}:1: expected the header 'id<TAB>document<TAB>label', found "
-                         f"{lines[0][:60]!r}; NSMC's files start with that header")
+    return lines
+
+
+def read_labelled(path, numbered, columns):
+    """Reviews from (line number, line) pairs of tab-separated `columns`."""
     reviews = Reviews([], [])
-    for number, line in enumerate(lines[1:], start=2):
+    for number, line in numbered:
         fields = line.split("\t")
-        if len(fields) != 3:
-            raise InputError(f"{path}:{number}: expected 3 tab-separated fields "
-                             f"(id, document, label), found {len(fields)}; fix or delete the line")
-        _, document, label = fields
-        if label not in ("0", "1"):
-            raise InputError(f"{path}:{number}: label must be 0 or 1, found {label!r}")
-        if not document.strip():
+        if len(fields) != len(columns):
+            raise InputError(f"{path}:{number}: expected {len(columns)} tab-separated fields "
+                             f"({', '.join(columns)}), found {len(fields)}; fix or delete the line")
+        row = dict(zip(columns, fields))
+        if row["label"] not in ("0", "1"):
+            # The likeliest cause on line 1: a header other than `document<TAB>label`.
+            hint = "; a header must read 'document<TAB>label'" if number == 1 else ""
+            raise InputError(f"{path}:{number}: label must be 0 or 1, found {row['label']!r}{hint}")
+        if not row["document"].strip():
             reviews.blank += 1
             continue
-        reviews.texts.append(document)
-        reviews.labels.append(int(label))
+        reviews.texts.append(row["document"])
+        reviews.labels.append(int(row["label"]))
+    return reviews
+
+
+def read_plain(path, numbered):
+    """Texts without labels, one a line."""
+    reviews = Reviews([], labels=None)
+    for number, line in numbered:
+        if "\t" in line:
+            raise InputError(f"{path}:{number}: a tab in a plain-text corpus (line 1 has "
+                             f"none, so every line is read as one text without a label); "
+                             f"remove the tab, or write every line as 'document<TAB>label'")
+        if not line.strip():
+            reviews.blank += 1
+            continue
+        reviews.texts.append(line)
     return reviews
 
 
@@ -115,7 +175,7 @@ class Features:
     the rest of the row is padding."""
     input_ids: torch.Tensor   # int32 [N, max_seq_length]
     lengths: torch.Tensor     # int32 [N]
-    labels: torch.Tensor      # int8 [N], the review's polarity
+    labels: torch.Tensor      # int8 [N], the review's polarity; None without labels
     blank: int = 0
     truncated: int = 0
 
@@ -132,9 +192,14 @@ def min_seq_length(tokenizer):
 
 
 def encode(reviews, tokenizer, max_seq_length):
-    """`polarity review</s>` as token ids. The review is cut to fit; `</s>` always stays,
-    so the model learns where a review ends."""
-    prompts = [f"{POLARITY[label]} {text}" for text, label in zip(reviews.texts, reviews.labels)]
+    """`polarity review</s>` as token ids, or `text</s>` for a corpus without labels. The
+    review is cut to fit; `</s>` always stays, so the model learns where a review ends."""
+    if reviews.labels is None:
+        prompts, labels = reviews.texts, None
+    else:
+        prompts = [f"{POLARITY[label]} {text}"
+                   for text, label in zip(reviews.texts, reviews.labels)]
+        labels = torch.tensor(reviews.labels, dtype=torch.int8)
     # The fast tokenizer encodes the whole list in Rust, in parallel; truncation keeps
     # the left (the polarity word) and leaves one position for </s>.
     pieces = tokenizer(prompts, add_special_tokens=False, truncation=True,
@@ -145,20 +210,21 @@ def encode(reviews, tokenizer, max_seq_length):
         input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.int32)
         input_ids[row, len(ids)] = tokenizer.eos_token_id
         lengths[row] = len(ids) + 1
-    return Features(input_ids, lengths, torch.tensor(reviews.labels, dtype=torch.int8),
+    return Features(input_ids, lengths, labels,
                     blank=reviews.blank, truncated=int((lengths == max_seq_length).sum()))
 
 
 def cache_path(cache_dir, corpus_file, tokenizer, max_seq_length):
     """The cache file for one corpus file, keyed by everything that changes its features:
-    the file's bytes, the tokenizer (its full definition) and `max_seq_length`."""
+    the file's bytes (which also decide its layout, and so whether reviews get a polarity
+    word), the polarity words, the tokenizer (its full definition) and `max_seq_length`."""
     key = hashlib.sha256()
     with open(corpus_file, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             key.update(chunk)
     key.update(tokenizer_fingerprint(tokenizer).encode())
-    key.update(f"{max_seq_length}|{tokenizer.eos_token_id}|{tokenizer.pad_token_id}|"
-               f"{CACHE_VERSION}".encode())
+    key.update(f"{POLARITY}|{max_seq_length}|{tokenizer.eos_token_id}|"
+               f"{tokenizer.pad_token_id}|{CACHE_VERSION}".encode())
     return Path(cache_dir).expanduser() / f"{Path(corpus_file).stem}-{key.hexdigest()[:16]}.pt"
 
 
@@ -174,10 +240,14 @@ def tokenizer_fingerprint(tokenizer):
 def load_features(corpus_file, tokenizer, max_seq_length, cache_dir):
     """Features of `corpus_file`, from the cache when it has them, else read, tokenized
     and cached. The cache holds plain tensors and ints, so `torch.load` needs no pickle."""
+    if max_seq_length < min_seq_length(tokenizer):
+        raise InputError(f"--max_seq_length {max_seq_length} is too small: the polarity "
+                         f"word and </s> leave no room for the review; use at least "
+                         f"{min_seq_length(tokenizer)}")
     cached = cache_path(cache_dir, corpus_file, tokenizer, max_seq_length)
     if cached.is_file():
         return Features(**torch.load(cached, weights_only=True))
-    reviews = read_nsmc(corpus_file)
+    reviews = read_corpus(corpus_file)
     if not reviews.texts:
         raise InputError(f"{corpus_file}: no reviews with text; the file holds only a header "
                          f"or blank reviews")

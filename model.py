@@ -12,40 +12,41 @@ KOGPT2_SPECIAL_TOKENS = dict(bos_token="</s>", eos_token="</s>", unk_token="<unk
                              pad_token="<pad>", mask_token="<mask>")
 
 
-def load_tokenizer(name):
+def load_tokenizer(name, flag="--pretrained_model_name"):
     """The fast tokenizer of `name` (hub name or directory) with KoGPT2's special tokens.
+    `flag` is the option that named it, for error messages.
 
     A tokenizer whose vocabulary lacks them keeps its own; one with no pad token pads with
     its end-of-text token, which is harmless here because padding is masked by length."""
-    check_loadable(name)
-    tokenizer = from_pretrained(PreTrainedTokenizerFast, name)
+    check_loadable(name, flag)
+    tokenizer = from_pretrained(PreTrainedTokenizerFast, name, flag)
     vocab = tokenizer.get_vocab()
     tokenizer.add_special_tokens({role: token for role, token in KOGPT2_SPECIAL_TOKENS.items()
                                   if token in vocab})
     if tokenizer.eos_token is None:
-        raise InputError(f"--pretrained_model_name {name}: the tokenizer has no end-of-text "
+        raise InputError(f"{flag} {name}: the tokenizer has no end-of-text "
                          f"token (KoGPT2's is </s>), so a review's end cannot be marked")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_model(name, tokenizer):
+def load_model(name, tokenizer, flag="--pretrained_model_name"):
     """The causal LM `name`, checked to cover every id the tokenizer can produce."""
-    model = from_pretrained(AutoModelForCausalLM, name)
+    model = from_pretrained(AutoModelForCausalLM, name, flag)
     if model.config.vocab_size < len(tokenizer):
-        raise InputError(f"--pretrained_model_name {name}: the model knows "
+        raise InputError(f"{flag} {name}: the model knows "
                          f"{model.config.vocab_size} tokens but its tokenizer has "
                          f"{len(tokenizer)}; use the tokenizer the model was trained with")
     return model
 
 
-def check_loadable(name):
+def check_loadable(name, flag):
     """Fail early, in one line, when `name` is neither a model directory nor reachable."""
-    from_pretrained(AutoConfig, name)
+    from_pretrained(AutoConfig, name, flag)
 
 
-def from_pretrained(cls, name):
+def from_pretrained(cls, name, flag):
     try:
         return cls.from_pretrained(name)
     except (OSError, ValueError, ImportError) as e:
@@ -54,7 +55,7 @@ def from_pretrained(cls, name):
         else:
             hint = ("it is not a local directory and could not be downloaded: check the name "
                     "and the network, or pass a local directory (offline: HF_HUB_OFFLINE=1)")
-        raise InputError(f"--pretrained_model_name {name}: {hint} ({first_line(e)})") from None
+        raise InputError(f"{flag} {name}: {hint} ({first_line(e)})") from None
 
 
 def cpu_state_dict(model):

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 USER_PJRT_DEVICE = os.environ.get("PJRT_DEVICE")
 
 import data  # noqa: E402
+import generate  # noqa: E402
 import sched  # noqa: E402
 from data import InputError  # noqa: E402
 from model import cpu_state_dict, load_model, load_tokenizer, save_pretrained  # noqa: E402
@@ -50,7 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--pretrained_model_name", default="skt/kogpt2-base-v2",
                    help="hub name or local directory of a GPT-2-family model and its tokenizer")
     p.add_argument("--downstream_corpus_name", default="nsmc",
-                   help="corpus folder under --downstream_corpus_root_dir")
+                   help="corpus folder under --downstream_corpus_root_dir, or the absolute "
+                        "path of one, holding ratings_train.txt and ratings_test.txt")
     p.add_argument("--downstream_corpus_root_dir", default="~/Korpora",
                    help="holds nsmc/ratings_train.txt and nsmc/ratings_test.txt; "
                         "only missing files are downloaded")
@@ -98,6 +100,13 @@ def parse_args(argv=None):
                         "in --downstream_model_dir")
     p.add_argument("--cache_dir", default=str(data.default_cache_dir()),
                    help="where tokenized corpora are cached")
+    p.add_argument("--train_file", default=None,
+                   help="your own corpus instead of NSMC, with --val_file: NSMC's layout, "
+                        "'document<TAB>label' lines, or plain text (no labels, no polarity word)")
+    p.add_argument("--val_file", default=None, help="the validation file of --train_file")
+    p.add_argument("--polarity_eval_size", type=int, default=1000,
+                   help="validation reviews scored for polarity accuracy at each evaluation "
+                        "(0: none)")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     return p.parse_args(argv)
 
@@ -117,6 +126,8 @@ def check_args(args):
         raise InputError(f"--warmup_steps must be 0 or more, got {args.warmup_steps}")
     if args.cpu_workers < 0:
         raise InputError(f"--cpu_workers must be 0 or more, got {args.cpu_workers}")
+    if args.polarity_eval_size < 0:
+        raise InputError(f"--polarity_eval_size must be 0 or more, got {args.polarity_eval_size}")
     if args.tpu_cores == 0 and args.device == "xla":
         raise InputError("--tpu_cores 0 contradicts --device xla; drop one of them")
     # A local model is recorded by absolute path, so a resumed run from another
@@ -227,6 +238,10 @@ class Backend:
         if state["cuda"] is not None:
             torch.cuda.set_rng_state(state["cuda"])
 
+    def generation_model(self, model):
+        """The model that `generate` samples from (in eval mode): this one."""
+        return model
+
 
 class XlaBackend(Backend):
     """PyTorch/XLA: one replica per TPU chip (or core), each in its own process."""
@@ -293,6 +308,12 @@ class XlaBackend(Backend):
     def set_rng_state(self, state):
         torch.set_rng_state(state["cpu"])
         self.xm.set_rng_state(state["xla"], self.device)
+
+    def generation_model(self, model):
+        """A copy on the CPU: `generate` on XLA compiles a graph for almost every token.
+        Built from the weights alone, so no random initialisation touches the RNG."""
+        return type(model).from_pretrained(None, config=model.config,
+                                           state_dict=to_cpu(model.state_dict()))
 
 
 def replica_steps(num_examples, batch_size, world_size, grad_accum_steps):
@@ -403,11 +424,54 @@ def evaluate(run):
     return val_loss, math.exp(min(val_loss, 50))
 
 
+def evaluate_polarity(run):
+    """How well the model keeps the polarities apart: its polarity accuracy on
+    --polarity_eval_size validation reviews, and one short review of each polarity (the
+    master's). Nothing for a corpus without labels."""
+    features = run.val_loader.dataset.features  # the validation set, as its loader holds it
+    if features.labels is None:
+        return {}
+    result = {}
+    run.model.eval()
+    if run.args.polarity_eval_size:
+        result["polarity_accuracy"] = polarity_accuracy(run, features)
+    if run.backend.is_master:
+        result["samples"] = training_samples(run)
+    run.model.train()
+    return result
+
+
+def polarity_accuracy(run, features):
+    """generate.polarity_accuracy on every replica at once: each scores its share of the
+    reviews, in batches of one shape on XLA, and the counts are summed across replicas."""
+    args, backend = run.args, run.backend
+    dataset = generate.PolarityBatches(features, run.tokenizer, args.polarity_eval_size,
+                                       backend.fixed_shapes, args.batch_size)
+    index_batches = data.eval_batches(len(dataset), args.batch_size, backend.world_size,
+                                      backend.rank)
+    loader = data.make_loader(dataset, index_batches, args.cpu_workers, backend.pin_memory)
+    with backend.autocast():
+        counts = generate.polarity_counts(run.model, run.tokenizer, backend.feed(loader))
+    correct, total = backend.all_reduce_sum(torch.stack(counts)).tolist()  # one host read
+    return correct / total
+
+
+def training_samples(run):
+    """One short review of each polarity. Seeded, and drawn without touching the training
+    RNG, so a run with samples trains exactly as one without."""
+    model = run.backend.generation_model(run.model)
+    settings = {**generate.SAMPLING, "max_new_tokens": 20}
+    return {word: generate.write_reviews(model, run.tokenizer, word, settings,
+                                         seed=run.args.seed)[0]
+            for word in data.POLARITY.values()}
+
+
 def evaluate_and_keep_best(run, export=True):
     val_loss, perplexity = evaluate(run)
     if not math.isfinite(val_loss):
         raise NonFiniteLoss(f"validation loss is {val_loss} at step {run.progress.step}")
-    run.log({"event": "eval", "val_loss": val_loss, "perplexity": perplexity})
+    run.log({"event": "eval", "val_loss": val_loss, "perplexity": perplexity,
+             **evaluate_polarity(run)})
     if export and val_loss < run.progress.best_val_loss:
         run.progress.best_val_loss = val_loss
         export_best(run)
@@ -674,8 +738,13 @@ class Run:
                 with open(self.metrics_path, "a") as f:
                     f.write(json.dumps(event) + "\n")
             if event["event"] == "eval":
-                tqdm.write(f"step {event['step']}: val_loss {event['val_loss']:.4f} "
-                           f"perplexity {event['perplexity']:.2f}")
+                line = (f"step {event['step']}: val_loss {event['val_loss']:.4f} "
+                        f"perplexity {event['perplexity']:.2f}")
+                if "polarity_accuracy" in event:
+                    line += f" polarity_accuracy {event['polarity_accuracy']:.4f}"
+                tqdm.write(line)
+                for polarity, review in event.get("samples", {}).items():
+                    tqdm.write(f"  {polarity}: {review}")
 
 
 def truncate_metrics(path, step):
@@ -713,6 +782,9 @@ def setup(backend, args):
     checkpoint = find_resume_checkpoint(args)
     model = load_model(str(checkpoint or args.pretrained_model_name), tokenizer)
     model.to(backend.device).train()
+    # Moving to an XLA device copies each parameter, which unties GPT-2's output layer from
+    # its token embedding: the two would then train apart. Tie them again.
+    model.tie_weights()
     optimizer = backend.optimizer(param_groups(model, args.weight_decay), args.learning_rate)
     warmup = sched.warmup_steps_for(total_steps, args.warmup_ratio, args.warmup_steps)
     run = Run(args=args, backend=backend, tokenizer=tokenizer, model=model, optimizer=optimizer,
@@ -732,26 +804,32 @@ def setup(backend, args):
 
 def load_corpus(args, tokenizer):
     """Train and validation features, from the cache after the first run."""
-    if args.max_seq_length < data.min_seq_length(tokenizer):
-        raise InputError(f"--max_seq_length {args.max_seq_length} is too small: the polarity "
-                         f"word and </s> leave no room for the review; use at least "
-                         f"{data.min_seq_length(tokenizer)}")
     train_file, val_file = data.corpus_files(args.downstream_corpus_root_dir,
-                                             args.downstream_corpus_name)
-    return [data.load_features(f, tokenizer, args.max_seq_length, args.cache_dir)
-            for f in (train_file, val_file)]
+                                             args.downstream_corpus_name,
+                                             args.train_file, args.val_file)
+    features = [data.load_features(f, tokenizer, args.max_seq_length, args.cache_dir)
+                for f in (train_file, val_file)]
+    if (features[0].labels is None) != (features[1].labels is None):
+        unlabelled, labelled = ((train_file, val_file) if features[0].labels is None
+                                else (val_file, train_file))
+        raise InputError(f"{unlabelled} has no labels but {labelled} has; give both files "
+                         f"labels, or neither")
+    return features
 
 
 def print_banner(run, train_features, val_features, warmup, checkpoint):
     args, backend = run.args, run.backend
     _, _, global_batch = replica_steps(len(train_features), args.batch_size,
                                        backend.world_size, args.grad_accum_steps)
+    polarity = ("긍정 or 부정 before each review" if train_features.labels is not None
+                else "none (no labels: plain language modelling)")
     lines = [
         f"device:           {backend.describe()}",
         f"model:            {args.pretrained_model_name}",
         f"train examples:   {len(train_features):,} ({train_features.blank} blank skipped, "
         f"{train_features.truncated:,} cut to {args.max_seq_length} tokens)",
         f"val examples:     {len(val_features):,} ({val_features.blank} blank skipped)",
+        f"polarity word:    {polarity}",
         f"batch:            {args.batch_size} x {backend.world_size} replicas x "
         f"{args.grad_accum_steps} accumulation = {global_batch} examples per step",
         f"steps:            {run.steps_per_epoch:,} per epoch, {run.total_steps:,} in all, "

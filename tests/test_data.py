@@ -18,7 +18,7 @@ def test_tokenizer_has_kogpt2_special_tokens_at_kogpt2_ids(tokenizer):
 
 
 def test_reader_keeps_quotes_and_skips_blank_reviews(corpus):
-    reviews = data.read_nsmc(corpus / "nsmc" / "ratings_train.txt")
+    reviews = data.read_corpus(corpus / "nsmc" / "ratings_train.txt")
     assert reviews.blank == 1
     assert len(reviews.texts) == len(reviews.labels) == 258
     assert '"최고의 영화" 라고 "말하고" 싶다"' in reviews.texts  # csv quoting would mangle it
@@ -28,7 +28,7 @@ def test_reader_keeps_quotes_and_skips_blank_reviews(corpus):
 def test_reader_accepts_bom_and_crlf(tmp_path):
     path = tmp_path / "crlf.txt"
     path.write_bytes("\ufeffid\tdocument\tlabel\r\n1\t좋다\t1\r\n2\t싫다\t0\r\n".encode())
-    reviews = data.read_nsmc(path)
+    reviews = data.read_corpus(path)
     assert (reviews.texts, reviews.labels) == (["좋다", "싫다"], [1, 0])
 
 
@@ -36,21 +36,22 @@ def test_reader_accepts_bom_and_crlf(tmp_path):
     ("id\tdocument\tlabel\n1\t좋다\t1\n2\t싫다\n", "bad.txt:3: expected 3 tab-separated fields"),
     ("id\tdocument\tlabel\n1\t좋다\t1\n2\t싫다\t5\n", "bad.txt:3: label must be 0 or 1, found '5'"),
     ("id\tdocument\tlabel\n1\t좋\tdu\t1\n", "bad.txt:2: expected 3 tab-separated fields"),
-    ("document\tlabel\n좋다\t1\n", "bad.txt:1: expected the header"),
+    ("id\treview\tlabel\n1\t좋다\t1\n", "bad.txt:1: expected the header"),
+    ("document\tscore\n좋다\t1\n", "bad.txt:1: label must be 0 or 1, found 'score'; a header"),
     ("", "bad.txt: the file is empty"),
 ])
 def test_malformed_lines_are_named(tmp_path, content, message):
     path = tmp_path / "bad.txt"
     path.write_text(content, encoding="utf-8")
     with pytest.raises(data.InputError, match=message):
-        data.read_nsmc(path)
+        data.read_corpus(path)
 
 
 def test_bytes_that_are_not_utf8_are_named(tmp_path):
     path = tmp_path / "bad.txt"
     path.write_bytes(b"id\tdocument\tlabel\n1\tok\t1\n2\t\xff\xfe\t0\n")
     with pytest.raises(data.InputError, match=r"bad.txt:3: byte 0xff is not UTF-8"):
-        data.read_nsmc(path)
+        data.read_corpus(path)
 
 
 def test_features_are_polarity_review_eos(tokenizer):
@@ -102,7 +103,7 @@ def test_cache_is_reused_and_keyed_by_content(tokenizer, corpus, tmp_path, monke
 
     def no_reading(path):
         raise AssertionError("the cache should have been used")
-    monkeypatch.setattr(data, "read_nsmc", no_reading)
+    monkeypatch.setattr(data, "read_corpus", no_reading)
     second = data.load_features(train_file, tokenizer, 32, tmp_path / "cache")
     assert torch.equal(first.input_ids, second.input_ids) and second.blank == first.blank
 
@@ -180,7 +181,7 @@ def test_only_missing_corpus_files_are_downloaded(tmp_path, monkeypatch):
     monkeypatch.setattr(Korpora, "fetch", fake_fetch)
     train_file, test_file = data.corpus_files(tmp_path, "nsmc")
     assert train_file.read_bytes() == before                        # left as it was
-    assert data.read_nsmc(test_file).texts == ["내려받은 파일"]
+    assert data.read_corpus(test_file).texts == ["내려받은 파일"]
     assert sorted(p.name for p in folder.iterdir()) == sorted(data.NSMC_FILES)  # no scratch left
 
     monkeypatch.setattr(Korpora, "fetch", lambda *a, **k: pytest.fail("files were there"))

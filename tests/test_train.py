@@ -56,7 +56,20 @@ def test_xla_path_through_xmp_spawn(train_args, tmp_path):
     evals = read_metrics(tmp_path / "out", "eval")
     assert [e["step"] for e in evals] == [0, 6] and evals[1]["val_loss"] < evals[0]["val_loss"]
     assert [e["step"] for e in read_metrics(tmp_path / "out", "train")] == [3, 6]
-    assert GPT2LMHeadModel.from_pretrained(tmp_path / "out") is not None
+    # The saved model is the one that was evaluated (moving GPT-2 to an XLA device unties
+    # its output layer from the embedding unless they are tied again).
+    saved = cpu_val_loss(tmp_path / "out", tmp_path / "corpus" / "nsmc" / "ratings_test.txt")
+    assert saved == pytest.approx(evals[1]["val_loss"], rel=1e-4)
+
+
+def cpu_val_loss(model_dir, corpus_file):
+    tokenizer = load_tokenizer(str(model_dir))
+    model = load_model(str(model_dir), tokenizer).eval()
+    features = data.encode(data.read_corpus(corpus_file), tokenizer, 32)
+    batch = data.ReviewBatches(features, tokenizer.pad_token_id, False, len(features))[
+        list(range(len(features)))]
+    with torch.no_grad():
+        return (train.token_loss_sum(model, batch) / train.count_targets(batch)).item()
 
 
 class Replica(train.Backend):

@@ -1,0 +1,279 @@
+"""Use a model fine-tuned by train.py: write positive or negative reviews on request, and
+measure how well the model keeps the two polarities apart.
+
+    python generate.py                                   # 5 positive, then 5 negative reviews
+    python generate.py --polarity 부정 --prompt "이 영화" --num_samples 3
+    python generate.py --evaluate                        # polarity accuracy on NSMC's test file
+
+The model is given exactly what training gave it: `긍정 prompt` tokenized without special
+tokens, with no token_type_ids, and it writes until `</s>`. Sampling runs on a GPU when
+there is one, else on the CPU, also for a model trained on a TPU: `generate` on an XLA
+device compiles a new graph for almost every token.
+
+Polarity accuracy reads the fine-tuned model as a classifier: a review is called positive
+when log p(review</s> | 긍정) > log p(review</s> | 부정), scoring the review's tokens and
+`</s>`, never the polarity word itself.
+"""
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import data
+from data import POLARITY, InputError
+from model import load_model, load_tokenizer
+
+# How reviews are sampled: the command line's defaults, and train.py's samples.
+SAMPLING = dict(max_new_tokens=40, top_k=50, top_p=0.92, temperature=0.9,
+                repetition_penalty=1.2, no_repeat_ngram_size=3)
+
+
+# --------------------------------------------------------------------------- writing reviews
+
+def prompt_ids(tokenizer, polarity, prompt=""):
+    """Token ids [1, n] that start a review the way training started one: `polarity prompt`
+    with no special tokens. With no prompt the polarity word stands alone: `"긍정 "` would
+    add a token for the trailing space, which training never put there."""
+    text = f"{polarity} {prompt.strip()}".strip()
+    return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+
+
+@torch.no_grad()
+def write_reviews(model, tokenizer, polarity, settings, prompt="", num_samples=1, seed=0):
+    """`num_samples` reviews of `polarity` (a POLARITY word, or "" for a model trained
+    without labels) that continue `prompt`, from one batched `generate` call, each decoded
+    without the polarity word. `settings` are `generate`'s sampling arguments (SAMPLING).
+
+    The same seed gives the same reviews, and the caller's random state is left as it
+    was, so that training goes on exactly as if no samples had been drawn."""
+    input_ids = prompt_ids(tokenizer, polarity, prompt).to(model.device)
+    cuda = [model.device] if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                do_sample=True, num_return_sequences=num_samples,
+                                eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=tokenizer.pad_token_id, **settings)
+    # Whitespace splits the polarity word from the prompt, so it is the same tokens alone.
+    skip = prompt_ids(tokenizer, polarity).shape[1] if polarity else 0
+    return [tokenizer.decode(row[skip:], skip_special_tokens=True).strip() for row in output]
+
+
+# --------------------------------------------------------------------------- polarity accuracy
+
+def strip_polarity(features, tokenizer, max_examples=None):
+    """Reviews of labelled `features` without their polarity word: Features whose rows are
+    `review</s>`, left-aligned, the labels kept. With `max_examples`, only that many, spread
+    evenly over the file: the first ones could all share a polarity in a file sorted by label.
+
+    The cached rows are `polarity review</s>`, tokenized in one piece; the tokenizer splits
+    words at spaces before it merges pieces, so each row starts with exactly the tokens of
+    its polarity word alone, whatever their number (checked here)."""
+    n = len(features) if max_examples is None else min(max_examples, len(features))
+    chosen = torch.arange(n) * len(features) // n
+    input_ids, lengths = features.input_ids[chosen], features.lengths[chosen]
+    labels = features.labels[chosen]
+    reviews = torch.full_like(input_ids, tokenizer.pad_token_id)
+    review_lengths = lengths.clone()
+    width = input_ids.shape[1]
+    for label, word in POLARITY.items():
+        prefix = prompt_ids(tokenizer, word)[0].to(input_ids.dtype)
+        rows = labels == label
+        if not (input_ids[rows, :len(prefix)] == prefix).all():
+            raise InputError(f"the tokenizer joins the polarity word {word!r} to the review "
+                             f"that follows it, so the review cannot be scored on its own")
+        reviews[rows, :width - len(prefix)] = input_ids[rows, len(prefix):]
+        review_lengths[rows] -= len(prefix)
+    return data.Features(reviews, review_lengths, labels)
+
+
+class PolarityBatches(data.ReviewBatches):
+    """Batches of reviews without their polarity word (see `strip_polarity`), and under
+    "polarity" each row's label: -1 on the all-padding rows that fixed shapes add."""
+
+    def __init__(self, features, tokenizer, max_examples, fixed_shape, batch_size):
+        super().__init__(strip_polarity(features, tokenizer, max_examples),
+                         tokenizer.pad_token_id, fixed_shape, batch_size)
+
+    def __getitem__(self, indices):
+        batch = super().__getitem__(indices)
+        polarity = self.features.labels[torch.as_tensor(indices, dtype=torch.long)].long()
+        batch["polarity"] = F.pad(polarity, (0, len(batch["input_ids"]) - len(polarity)), value=-1)
+        return batch
+
+
+def review_log_prob(model, prefix, batch):
+    """log p(review</s> | prefix) for each row of a PolarityBatches batch: `prefix` (token
+    ids) goes in front of every review, and only the review's tokens are scored."""
+    prefix = prefix.expand(len(batch["input_ids"]), -1)
+    input_ids = torch.cat([prefix, batch["input_ids"]], dim=1)
+    attention_mask = torch.cat([torch.ones_like(prefix), batch["attention_mask"]], dim=1)
+    targets = torch.cat([torch.full_like(prefix, -100), batch["labels"]], dim=1)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    # Position t predicts token t+1; -100 (the prefix, padding) scores 0.
+    token_log_probs = -F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), targets[:, 1:],
+                                       ignore_index=-100, reduction="none")
+    return token_log_probs.sum(dim=1)
+
+
+@torch.no_grad()
+def polarity_counts(model, tokenizer, batches):
+    """(correct, total) over PolarityBatches `batches` already on the model's device, as
+    tensors there: no host read, so that XLA runs it as a few whole graphs."""
+    device = model.device
+    prefixes = {label: prompt_ids(tokenizer, word).to(device) for label, word in POLARITY.items()}
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    total = torch.zeros((), dtype=torch.long, device=device)
+    for batch in batches:
+        positive = review_log_prob(model, prefixes[1], batch)
+        negative = review_log_prob(model, prefixes[0], batch)
+        predicted = (positive > negative).long()  # a tie counts as negative
+        real = batch["polarity"] >= 0
+        correct += ((predicted == batch["polarity"]) & real).sum()
+        total += real.sum()
+    return correct, total
+
+
+def polarity_accuracy(model, tokenizer, features, batch_size, max_examples=None):
+    """The share of reviews of `features` (`max_examples` of them, spread over the file)
+    whose polarity the model (in eval mode) gets right, in this process. train.py shares
+    the work out among its replicas."""
+    dataset = PolarityBatches(features, tokenizer, max_examples, fixed_shape=False,
+                              batch_size=batch_size)
+    loader = data.make_loader(dataset, data.eval_batches(len(dataset), batch_size, 1, 0),
+                              workers=0, pin_memory=False)
+    batches = ({k: v.to(model.device) for k, v in batch.items()} for batch in loader)
+    correct, total = polarity_counts(model, tokenizer, batches)
+    return correct.item() / total.item()
+
+
+# --------------------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Write positive or negative movie reviews with a fine-tuned KoGPT2, "
+                    "or measure its polarity accuracy.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--downstream_model_dir", default="checkpoint-generation",
+                   help="the model: train.py's --downstream_model_dir (its best model), one "
+                        "of its checkpoint-<step>/ folders, or a hub name")
+    p.add_argument("--polarity", default="both",
+                   help="긍정 (positive), 부정 (negative), both, or none for a model trained "
+                        "on texts without labels")
+    p.add_argument("--prompt", default="", help="the start of every review, to be continued")
+    p.add_argument("--num_samples", type=int, default=5, help="reviews per polarity")
+    p.add_argument("--max_new_tokens", type=int, default=SAMPLING["max_new_tokens"],
+                   help="a review stops at </s> or after this many tokens")
+    p.add_argument("--top_k", type=int, default=SAMPLING["top_k"],
+                   help="sample among the k likeliest tokens (0: all)")
+    p.add_argument("--top_p", type=float, default=SAMPLING["top_p"],
+                   help="... and among the fewest whose probabilities add up to p")
+    p.add_argument("--temperature", type=float, default=SAMPLING["temperature"],
+                   help="below 1: safer, more repetitive text; above 1: wilder")
+    p.add_argument("--repetition_penalty", type=float, default=SAMPLING["repetition_penalty"],
+                   help="divides the odds of tokens already written (1: off)")
+    p.add_argument("--no_repeat_ngram_size", type=int, default=SAMPLING["no_repeat_ngram_size"],
+                   help="never repeat a run of this many tokens (0: off)")
+    p.add_argument("--seed", type=int, default=7, help="the same seed writes the same reviews")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                   help="auto: CUDA when available, else the CPU (also for a model trained "
+                        "on a TPU: generate on XLA is very slow)")
+    p.add_argument("--show_polarity", action="store_true",
+                   help="print each review after its polarity word, as training saw it")
+    p.add_argument("--evaluate", action="store_true",
+                   help="print the polarity accuracy on the validation file instead")
+    p.add_argument("--downstream_corpus_root_dir", default="~/Korpora",
+                   help="--evaluate: holds nsmc/ratings_test.txt, the reviews scored")
+    p.add_argument("--downstream_corpus_name", default="nsmc",
+                   help="--evaluate: the corpus folder under --downstream_corpus_root_dir, "
+                        "or the absolute path of one")
+    p.add_argument("--val_file", default=None,
+                   help="--evaluate: score this labelled file instead (any layout train.py reads)")
+    p.add_argument("--polarity_eval_size", type=int, default=None,
+                   help="--evaluate: score only N reviews, spread over the file (unset: all)")
+    p.add_argument("--max_seq_length", type=int, default=32,
+                   help="--evaluate: reviews are cut to this many tokens, as in training")
+    p.add_argument("--batch_size", type=int, default=32, help="--evaluate: reviews per batch")
+    p.add_argument("--cache_dir", default=str(data.default_cache_dir()),
+                   help="where tokenized corpora are cached")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    return p.parse_args(argv)
+
+
+def polarity_words(polarity):
+    """The polarity words that --polarity asks for, in print order ("" for none)."""
+    return {"both": list(POLARITY.values()), "none": [""]}.get(polarity, [polarity])
+
+
+def check_args(args):
+    """Reject values that cannot work, naming the flag, before the model loads."""
+    if args.polarity not in [*POLARITY.values(), "both", "none"]:
+        raise InputError(f"--polarity {args.polarity}: choose 긍정 (positive), 부정 (negative), "
+                         f"both, or none")
+    if args.polarity == "none" and not args.prompt.strip():
+        raise InputError("--polarity none needs a --prompt: a model trained without labels "
+                         "has nothing to start a text from")
+    for name in ["num_samples", "max_new_tokens", "batch_size", "max_seq_length"]:
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name} must be 1 or more, got {getattr(args, name)}")
+    if args.polarity_eval_size is not None and args.polarity_eval_size < 1:
+        raise InputError(f"--polarity_eval_size must be 1 or more, got {args.polarity_eval_size}")
+
+
+def choose_device(name):
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def print_reviews(args, model, tokenizer):
+    settings = dict(max_new_tokens=args.max_new_tokens, top_k=args.top_k, top_p=args.top_p,
+                    temperature=args.temperature, repetition_penalty=args.repetition_penalty,
+                    no_repeat_ngram_size=args.no_repeat_ngram_size)
+    # Each polarity starts from the same seed: where their reviews differ, the polarity
+    # word made the difference.
+    for polarity in polarity_words(args.polarity):
+        for review in write_reviews(model, tokenizer, polarity, settings, args.prompt,
+                                    args.num_samples, args.seed):
+            print(f"{polarity} {review}".strip() if args.show_polarity else review, flush=True)
+
+
+def print_polarity_accuracy(args, model, tokenizer):
+    if args.val_file:
+        val_file = data.given_file("--val_file", args.val_file)
+    else:
+        val_file = data.corpus_files(args.downstream_corpus_root_dir,
+                                     args.downstream_corpus_name)[1]
+    features = data.load_features(val_file, tokenizer, args.max_seq_length, args.cache_dir)
+    if features.labels is None or len(features) == 0:
+        raise InputError(f"{val_file}: no labelled reviews, so there is no polarity to check")
+    n = min(len(features), args.polarity_eval_size or len(features))
+    accuracy = polarity_accuracy(model, tokenizer, features, args.batch_size, n)
+    print(f"polarity accuracy: {accuracy:.4f} on {n:,} reviews of {val_file}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        check_args(args)
+        device = choose_device(args.device)
+        tokenizer = load_tokenizer(args.downstream_model_dir, flag="--downstream_model_dir")
+        model = load_model(args.downstream_model_dir, tokenizer,
+                           flag="--downstream_model_dir").to(device).eval()
+        if args.evaluate:
+            print_polarity_accuracy(args, model, tokenizer)
+        else:
+            print_reviews(args, model, tokenizer)
+    except InputError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
