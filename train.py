@@ -504,7 +504,7 @@ class Progress:
 
 
 # Arguments that change what a step computes: resuming with others cannot continue the run.
-SHAPE_ARGS = ["pretrained_model_name", "downstream_corpus_name", "max_seq_length",
+SHAPE_ARGS = ["pretrained_model_name", "downstream_corpus_name", "train_file", "max_seq_length",
               "batch_size", "grad_accum_steps", "seed", "world_size"]
 NOT_COMPARED = ["resume", "debug", "cpu_workers", "cache_dir", "downstream_model_dir",
                 "downstream_corpus_root_dir"]
@@ -735,8 +735,8 @@ class Run:
             epoch = round(self.progress.step / self.steps_per_epoch, 4)
             event = {**event, "step": self.progress.step, "epoch": epoch}
             with saving(self.metrics_path, previous=self.metrics_path.parent):
-                with open(self.metrics_path, "a") as f:
-                    f.write(json.dumps(event) + "\n")
+                with open(self.metrics_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(event, ensure_ascii=False) + "\n")
             if event["event"] == "eval":
                 line = (f"step {event['step']}: val_loss {event['val_loss']:.4f} "
                         f"perplexity {event['perplexity']:.2f}")
@@ -751,8 +751,8 @@ def truncate_metrics(path, step):
     """Drop events logged after `step`: a resumed run logs those steps again."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-    data.write_atomically(path, lambda tmp: tmp.write_text("".join(k + "\n" for k in kept)))
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line)["step"] <= step]
+    data.write_atomically(path, lambda tmp: tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8"))
 
 
 def setup(backend, args):

@@ -48,6 +48,6 @@ def run_train(args, env=None, timeout=600, **kwargs):
 
 
 def read_metrics(out_dir, event=None):
-    lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
+    lines = (Path(out_dir) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     events = [json.loads(line) for line in lines]
     return [e for e in events if event is None or e["event"] == event]
