@@ -751,8 +751,9 @@ def truncate_metrics(path, step):
     """Drop events logged after `step`: a resumed run logs those steps again."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line)["step"] <= step]
-    data.write_atomically(path, lambda tmp: tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8"))
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = "".join(line + "\n" for line in lines if json.loads(line)["step"] <= step)
+    data.write_atomically(path, lambda tmp: tmp.write_text(kept, encoding="utf-8"))
 
 
 def setup(backend, args):
