@@ -168,7 +168,7 @@ def test_bad_input_is_one_line(argv, message, capsys):
 
 def test_each_evaluation_reports_polarity_accuracy_and_samples(trained):
     evaluations = read_metrics(trained.out, "eval")
-    assert [e["step"] for e in evaluations] == [16, 32, 48, 64, 80]
+    assert [e["step"] for e in evaluations] == [0, 16, 32, 48, 64, 80]  # 0: before training
     assert all(0 <= e["polarity_accuracy"] <= 1 for e in evaluations)
     assert evaluations[-1]["polarity_accuracy"] >= 0.9
     assert all(set(e["samples"]) == {"긍정", "부정"} for e in evaluations)
@@ -185,7 +185,8 @@ def test_evaluating_does_not_change_training(train_args, tmp_path):
                                          str(tmp_path / out), *extra])
         assert result.returncode == 0, result.stderr
         losses.append([e["loss"] for e in read_metrics(tmp_path / out, "train")])
-    [quiet] = read_metrics(tmp_path / "quiet", "eval")  # the last step's only
-    assert "polarity_accuracy" not in quiet and "samples" in quiet
-    assert len(read_metrics(tmp_path / "busy", "eval")) == 6
+    quiet = read_metrics(tmp_path / "quiet", "eval")  # before training and at the end
+    assert [e["step"] for e in quiet] == [0, 6]
+    assert "polarity_accuracy" not in quiet[-1] and "samples" in quiet[-1]
+    assert len(read_metrics(tmp_path / "busy", "eval")) == 7
     assert losses[0] == losses[1]
