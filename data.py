@@ -137,8 +137,10 @@ def read_labelled(path, numbered, columns):
         row = dict(zip(columns, fields))
         if row["label"] not in ("0", "1"):
             # The likeliest cause on line 1: a header other than `document<TAB>label`.
-            hint = "; a header must read 'document<TAB>label'" if number == 1 else ""
-            raise InputError(f"{path}:{number}: label must be 0 or 1, found {row['label']!r}{hint}")
+            hint = ("a header must read 'document<TAB>label'" if number == 1
+                    else "use 1 for a positive review, 0 for a negative one")
+            raise InputError(f"{path}:{number}: label must be 0 or 1, found "
+                             f"{row['label']!r}; {hint}")
         if not row["document"].strip():
             reviews.blank += 1
             continue
