@@ -300,7 +300,11 @@ def replica_steps(num_examples, batch_size, world_size, grad_accum_steps):
 def token_loss_sum(model, batch):
     """Summed next-token cross-entropy over the real (non-padding) tokens of `batch`."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+    # Position i predicts token i+1. Shifting the labels left (the last position gets -100)
+    # rather than dropping the last position's logits keeps the logits, the step's largest
+    # tensor, contiguous: slicing them cost a full copy forward and another backward.
+    targets = F.pad(batch["labels"][:, 1:], (0, 1), value=-100)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
                            ignore_index=-100, reduction="sum")
 
 
