@@ -20,7 +20,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import argparse  # noqa: E402
 import multiprocessing  # noqa: E402
 import os  # noqa: E402
-import resource  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -81,7 +80,9 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                    help="unset: train.py's choice for the device (bf16 where the hardware has it)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the model in both loops (ignored on XLA)")
+                   help="ours: train.py --compile (the forward pass and loss compiled "
+                        "together); Trainer: torch_compile=True (its model computes the loss). "
+                        "Ignored on XLA")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads per loop (torch.set_num_threads); unset: PyTorch's "
                         "default, one per core. 1 gives steadier numbers on a busy machine")
@@ -233,12 +234,20 @@ def setup(args):
     return backend, tokenizer, model
 
 
+def peak_rss_mib():
+    """This process's peak resident memory (Linux). /proc counts this process alone, while
+    getrusage's ru_maxrss would also count the pages of the parent it was spawned from."""
+    status = Path("/proc/self/status").read_text().splitlines()
+    kib = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
+    return int(kib) / 2**10
+
+
 def result(clock, tokens_per_batch, model, backend):
     """What a loop's process reports: per repeat its seconds and real tokens, plus memory."""
     if backend.device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
+        peak = peak_rss_mib()
     marks = sorted(clock.marks)
     return {"seconds": [b - a for a, b in zip(clock.times, clock.times[1:])],
             "tokens": [sum(tokens_per_batch[a:b]) for a, b in zip(marks, marks[1:])],
@@ -255,13 +264,14 @@ def run_ours(args, features):
     backend, tokenizer, model = setup(args)
     backend.seed(args.seed)
     model.to(backend.device).train()
-    if args.compile and backend.device.type != "xla":  # XLA compiles the whole step anyway
-        model = torch.compile(model)
     optimizer = backend.optimizer(train.param_groups(model, args.weight_decay), args.learning_rate)
     total = args.warmup_steps + args.repeats * args.steps
     # train_step reads these fields of train.Run; the rest serve evaluation and checkpoints.
     run = SimpleNamespace(model=model, backend=backend, args=args, optimizer=optimizer,
-                          scheduler=sched.linear_warmup_decay(optimizer, args.warmup_steps, total))
+                          scheduler=sched.linear_warmup_decay(optimizer, args.warmup_steps, total),
+                          loss_sum_fn=train.token_loss_sum)
+    if args.compile:  # as train.py --compile does
+        run.loss_sum_fn = backend.compile(train.token_loss_sum)
     batches = data.TrainBatches(len(features), args.batch_size, backend.world_size,
                                 backend.rank, args.seed)
     dataset = CountedReviewBatches(features, tokenizer.pad_token_id, backend.fixed_shapes,
