@@ -1,0 +1,440 @@
+"""Time our training loop against Hugging Face's `Trainer` on this machine: the same model,
+the same token ids, the same batch size and optimizer settings.
+
+    python benchmarks/bench_train.py --downstream_corpus_root_dir ../shared/data \
+        --pretrained_model_name /tmp/tiny-kogpt2 --device cpu
+
+It first times the data preparation (reading and tokenizing the corpus into an empty cache,
+then loading it back), then runs each loop in a fresh process of its own, so that neither
+inherits the other's warm caches and each reports its own peak memory. Each process trains
+for --warmup_steps untimed steps, then --repeats times --steps timed steps; the table
+shows medians over the repeats.
+"""
+import sys
+from pathlib import Path
+
+# train.py and its modules live one folder up; first on the path, because our sched.py
+# shares its name with a module of Python's standard library.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import argparse  # noqa: E402
+import multiprocessing  # noqa: E402
+import os  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from concurrent.futures import ProcessPoolExecutor  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+import torch  # noqa: E402
+
+import data  # noqa: E402
+import sched  # noqa: E402
+import train  # noqa: E402
+from data import InputError  # noqa: E402
+from model import load_model, load_tokenizer  # noqa: E402
+
+# Randomly initialised GPT-2 shapes for --model_shape. `kogpt2` is skt/kogpt2-base-v2's exact
+# shape (125M parameters, vocabulary 51,200); `tiny` uses the tokenizer's own vocabulary.
+SHAPES = {
+    "kogpt2": dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=51200),
+    "tiny": dict(n_layer=2, n_embd=64, n_head=2, n_positions=128),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Our training loop against transformers.Trainer: throughput and memory.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--pretrained_model_name", default=None,
+                   help="a local model directory (any size) with its tokenizer; "
+                        "unset: a randomly initialised model of --model_shape")
+    p.add_argument("--model_shape", choices=sorted(SHAPES), default="kogpt2",
+                   help="the model built when no --pretrained_model_name is given")
+    p.add_argument("--tokenizer", default="skt/kogpt2-base-v2",
+                   help="with --model_shape: hub name or directory of the tokenizer "
+                        "(tests/fixtures.py builds one)")
+    p.add_argument("--downstream_corpus_root_dir", default="~/Korpora",
+                   help="holds nsmc/ratings_train.txt and nsmc/ratings_test.txt")
+    p.add_argument("--downstream_corpus_name", default="nsmc")
+    p.add_argument("--max_examples", type=int, default=None,
+                   help="train on the first N training reviews only")
+    p.add_argument("--max_seq_length", type=int, default=32)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--learning_rate", type=float, default=5e-5)
+    p.add_argument("--weight_decay", type=float, default=0.0)
+    p.add_argument("--max_grad_norm", type=float, default=1.0)
+    p.add_argument("--warmup_steps", type=int, default=None,
+                   help="untimed steps before the first repeat, also the schedule's warm-up; "
+                        "unset: --log_every + 1, so that the first loss read, which on XLA "
+                        "compiles a graph of its own, happens before timing starts")
+    p.add_argument("--steps", type=int, default=50, help="timed optimizer steps per repeat")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per process")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="processes per loop, the loops taking turns (more: steadier numbers "
+                        "on a busy machine)")
+    p.add_argument("--log_every", type=int, default=50,
+                   help="steps between loss reads, in both loops (train.py's default)")
+    p.add_argument("--device", choices=["cpu", "cuda", "xla"],
+                   default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                   help="unset: train.py's choice for the device (bf16 where the hardware has it)")
+    p.add_argument("--compile", action="store_true",
+                   help="ours: train.py --compile (the forward pass and loss compiled "
+                        "together); Trainer: torch_compile=True (its model computes the loss). "
+                        "Ignored on XLA")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per loop (torch.set_num_threads); unset: PyTorch's "
+                        "default, one per core. 1 gives steadier numbers on a busy machine")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--data_only", action="store_true",
+                   help="time the data preparation only")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    if args.warmup_steps is None:
+        args.warmup_steps = args.log_every + 1
+    for name in ["max_seq_length", "batch_size", "warmup_steps", "steps", "repeats", "rounds",
+                 "log_every"] + (["threads"] if args.threads is not None else []):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name} must be 1 or more, got {getattr(args, name)}")
+    if args.max_examples is not None and args.max_examples < args.batch_size:
+        raise InputError(f"--max_examples {args.max_examples} is less than one batch "
+                         f"(--batch_size {args.batch_size})")
+
+
+# --------------------------------------------------------------------------- data
+
+def prepare_data(args, tokenizer):
+    """Time reading and tokenizing every corpus file into an empty cache (cold), then
+    loading the features back from it (warm). Returns the training features, warm."""
+    files = data.corpus_files(args.downstream_corpus_root_dir, args.downstream_corpus_name)
+
+    def load_all(cache):
+        return [data.load_features(f, tokenizer, args.max_seq_length, cache) for f in files]
+
+    with tempfile.TemporaryDirectory() as cache:
+        cold, _ = timed(load_all, cache)
+        warm, features = timed(load_all, cache)
+    reviews = sum(len(f) for f in features)
+    print(f"data preparation: {reviews:,} reviews in {len(files)} files, "
+          f"max_seq_length {args.max_seq_length}")
+    print(f"  cold (read, tokenize, cache): {cold:8.2f} s  ({reviews / cold:,.0f} reviews/s)")
+    print(f"  warm (load from the cache):   {warm:8.2f} s", flush=True)
+    return features[0]
+
+
+def timed(fn, *args):
+    started = time.perf_counter()
+    result = fn(*args)
+    return time.perf_counter() - started, result
+
+
+def first(features, n):
+    if n is None:
+        return features
+    return data.Features(features.input_ids[:n], features.lengths[:n], features.labels[:n])
+
+
+# --------------------------------------------------------------------------- measuring
+
+def make_backend(args):
+    """train.py's backend: the device, precision and optimizer both loops use."""
+    if args.device == "xla":
+        return train.XlaBackend(args.precision)
+    return train.Backend(args.device, args.precision)
+
+
+def synchronize(device):
+    """Wait until the device has run everything queued, so a timer read covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "xla":
+        import torch_xla
+        import torch_xla.core.xla_model as xm
+        torch_xla.sync()
+        xm.wait_device_ops()
+
+
+def xla_compiles():
+    import torch_xla.debug.metrics as met
+    compile_time = met.metric_data("CompileTime")
+    return compile_time[0] if compile_time else 0
+
+
+class Clock:
+    """Time stamps at the steps that end the warm-up and each repeat, each taken after the
+    device has caught up: between steps, never inside one."""
+
+    def __init__(self, args, device):
+        self.marks = {args.warmup_steps + i * args.steps for i in range(args.repeats + 1)}
+        self.device = device
+        self.times = []
+        self.compiles = []  # XLA's compile count at the first and the last mark
+
+    def tick(self, step):
+        if step not in self.marks:
+            return
+        synchronize(self.device)
+        self.times.append(time.perf_counter())
+        if self.device.type == "xla" and len(self.times) in (1, len(self.marks)):
+            self.compiles.append(xla_compiles())
+
+
+class CountedReviewBatches(data.ReviewBatches):
+    """Our batches, noting each one's real (non-padding) tokens in the order they are built."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.tokens = []
+
+    def __getitem__(self, indices):
+        batch = super().__getitem__(indices)
+        self.tokens.append(int(batch["attention_mask"].sum()))
+        return batch
+
+
+class CountingCollator:
+    """Trainer's collator, noting each batch's real tokens as CountedReviewBatches does."""
+
+    def __init__(self, collator):
+        self.collator = collator
+        self.tokens = []
+
+    def __call__(self, examples):
+        batch = self.collator(examples)
+        self.tokens.append(int(batch["attention_mask"].sum()))
+        return batch
+
+
+def build_model(args, tokenizer):
+    """The model both loops train: the same weights, from the same seed."""
+    if args.pretrained_model_name:
+        return load_model(args.pretrained_model_name, tokenizer)
+    from transformers import GPT2Config, GPT2LMHeadModel
+    shape = {"vocab_size": len(tokenizer), **SHAPES[args.model_shape]}
+    if shape["vocab_size"] < len(tokenizer):
+        raise InputError(f"--model_shape {args.model_shape}: the tokenizer has {len(tokenizer)} "
+                         f"tokens, more than the model's {shape['vocab_size']}")
+    torch.manual_seed(args.seed)
+    config = GPT2Config(bos_token_id=0, eos_token_id=1, pad_token_id=3, **shape)
+    return GPT2LMHeadModel(config)
+
+
+def setup(args):
+    """What each loop's process starts with: backend, tokenizer, model."""
+    from transformers.utils import logging
+    logging.set_verbosity_error()  # keep the table readable
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    backend = make_backend(args)
+    tokenizer = load_tokenizer(args.pretrained_model_name or args.tokenizer)
+    model = build_model(args, tokenizer)
+    return backend, tokenizer, model
+
+
+def peak_rss_mib():
+    """This process's peak resident memory (Linux). /proc counts this process alone, while
+    getrusage's ru_maxrss would also count the pages of the parent it was spawned from."""
+    status = Path("/proc/self/status").read_text().splitlines()
+    kib = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
+    return int(kib) / 2**10
+
+
+def result(clock, tokens_per_batch, model, backend):
+    """What a loop's process reports: per repeat its seconds and real tokens, plus memory."""
+    if backend.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = peak_rss_mib()
+    marks = sorted(clock.marks)
+    return {"seconds": [b - a for a, b in zip(clock.times, clock.times[1:])],
+            "tokens": [sum(tokens_per_batch[a:b]) for a, b in zip(marks, marks[1:])],
+            "peak_mib": peak, "compiles": clock.compiles,
+            "device": backend.describe(),
+            "params": sum(p.numel() for p in model.parameters())}
+
+
+# --------------------------------------------------------------------------- the loops
+
+def run_ours(args, features):
+    """train.py's loop without evaluation and checkpoints: its backend, batches, step,
+    schedule and loss meter, the loss read back every --log_every steps."""
+    backend, tokenizer, model = setup(args)
+    backend.seed(args.seed)
+    model.to(backend.device).train()
+    optimizer = backend.optimizer(train.param_groups(model, args.weight_decay), args.learning_rate)
+    total = args.warmup_steps + args.repeats * args.steps
+    # train_step reads these fields of train.Run; the rest serve evaluation and checkpoints.
+    run = SimpleNamespace(model=model, backend=backend, args=args, optimizer=optimizer,
+                          scheduler=sched.linear_warmup_decay(optimizer, args.warmup_steps, total),
+                          loss_sum_fn=train.token_loss_sum)
+    if args.compile:  # as train.py --compile does
+        run.loss_sum_fn = backend.compile(train.token_loss_sum)
+    batches = data.TrainBatches(len(features), args.batch_size, backend.world_size,
+                                backend.rank, args.seed)
+    dataset = CountedReviewBatches(features, tokenizer.pad_token_id, backend.fixed_shapes,
+                                   args.batch_size)
+    loader = data.make_loader(dataset, batches, 0, backend.pin_memory)
+    meter = train.LossMeter(backend.device, 0)
+    clock = Clock(args, backend.device)
+    for step, batch in enumerate(epochs(backend, loader, batches), start=1):
+        meter.add(*train.train_step(run, [batch]))  # one micro-batch per step, as the tutorial
+        if step % args.log_every == 0:
+            backend.on_host(read_loss, meter.loss_sum, meter.tokens)
+            meter.reset()
+        clock.tick(step)
+        if step == total:
+            break
+    return result(clock, dataset.tokens, model, backend)
+
+
+def epochs(backend, loader, batches):
+    """Batches on the device, epoch after epoch."""
+    epoch = 0
+    while True:
+        batches.start_epoch(epoch)
+        yield from backend.feed(loader)
+        epoch += 1
+
+
+def read_loss(loss_sum, tokens):
+    return loss_sum.item() / max(1, tokens.item())
+
+
+def run_trainer(args, features):
+    """transformers.Trainer in a standard setup with our settings: the same examples as
+    token-id lists, padded per batch by DataCollatorForLanguageModeling(mlm=False)."""
+    from transformers import (DataCollatorForLanguageModeling, PrinterCallback, Trainer,
+                              TrainerCallback, TrainingArguments)
+    backend, tokenizer, model = setup(args)
+    clock = Clock(args, backend.device)
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, targs, state, control, **kwargs):
+            clock.tick(state.global_step)
+
+    # On XLA every batch is padded to max_seq_length, as ours is, so one graph serves all.
+    width = args.max_seq_length if backend.fixed_shapes else None
+    collator = CountingCollator(
+        DataCollatorForLanguageModeling(tokenizer, mlm=False, pad_to_multiple_of=width))
+    with tempfile.TemporaryDirectory() as out:
+        targs = TrainingArguments(
+            output_dir=out, max_steps=args.warmup_steps + args.repeats * args.steps,
+            per_device_train_batch_size=args.batch_size, learning_rate=args.learning_rate,
+            lr_scheduler_type="linear", warmup_steps=args.warmup_steps,
+            weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+            bf16=backend.precision == "bf16", use_cpu=backend.device.type == "cpu",
+            # Trainer's default, fused AdamW, has no XLA kernel; ours runs the plain one there.
+            optim="adamw_torch" if backend.device.type == "xla" else "adamw_torch_fused",
+            torch_compile=args.compile and backend.device.type != "xla",
+            seed=args.seed, logging_steps=args.log_every, save_strategy="no", report_to=[],
+            dataloader_num_workers=0, dataloader_pin_memory=backend.pin_memory,
+            dataloader_drop_last=True, disable_tqdm=True)
+        trainer = Trainer(model=model, args=targs, train_dataset=TokenIds(features),
+                          data_collator=collator, callbacks=[StepClock()])
+        trainer.remove_callback(PrinterCallback)  # it prints every logged loss
+        trainer.train()
+    return result(clock, collator.tokens, model, backend)
+
+
+class TokenIds(torch.utils.data.Dataset):
+    """Each example as a list of its token ids, the form a tokenized dataset hands Trainer."""
+
+    def __init__(self, features):
+        self.features = features
+
+    def __len__(self):
+        return len(self.features)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.features.input_ids[i, :self.features.lengths[i]].tolist()}
+
+
+def in_own_process(fn, args, features):
+    """Run `fn` in a fresh process: its peak memory is its own and it inherits no warm
+    state from the other loop."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, args, features).result()
+
+
+def measure(args, features):
+    """Each loop's results from --rounds processes, the loops taking turns: on a machine
+    that other work shares, both then meet the same mix of quiet and busy spells."""
+    loops = {"ours": run_ours, "Trainer": run_trainer}
+    results = {name: [] for name in loops}
+    for _ in range(args.rounds):
+        for name, fn in list(loops.items()):
+            try:
+                results[name].append(in_own_process(fn, args, features))
+            except Exception as e:
+                if name == "ours" or args.device != "xla":
+                    raise
+                print(f"Trainer: skipped, it failed on XLA ({data.first_line(e)})")
+                del loops[name], results[name]
+    return results
+
+
+# --------------------------------------------------------------------------- the report
+
+def summary(processes, args):
+    """Medians over every repeat of every process; examples/s and ms/step both come from
+    the median repeat time. Peak memory: the largest of the processes."""
+    seconds = [s for p in processes for s in p["seconds"]]
+    tokens = [t for p in processes for t in p["tokens"]]
+    median_seconds = statistics.median(seconds)
+    return {"examples/s": args.steps * args.batch_size / median_seconds,
+            "tokens/s": statistics.median(t / s for t, s in zip(tokens, seconds)),
+            "ms/step": 1000 * median_seconds / args.steps,
+            "peak MiB": max(p["peak_mib"] for p in processes)}
+
+
+def print_report(results, args, n_examples):
+    first = results["ours"][0]
+    model = args.pretrained_model_name or f"random {args.model_shape}-shaped GPT-2"
+    print(f"\ntraining: {first['device']}, {model} ({first['params'] / 1e6:.1f}M parameters), "
+          f"{n_examples:,} examples, batch {args.batch_size}, max_seq_length "
+          f"{args.max_seq_length}{', torch.compile' if args.compile else ''}")
+    print(f"  {args.rounds} process(es) per loop, each {args.warmup_steps} warm-up steps then "
+          f"{args.repeats} x {args.steps} timed steps; medians over the repeats; tokens: "
+          f"real (non-padding) ones; peak memory: "
+          f"{'CUDA allocated' if args.device == 'cuda' else 'process RSS'}")
+    for name, processes in results.items():
+        if processes[0]["compiles"]:
+            counts = ", ".join(f"{p['compiles'][0]} -> {p['compiles'][-1]}" for p in processes)
+            print(f"  XLA compilations ({name}), after warm-up -> at the end: {counts}")
+    print_table({name: summary(processes, args) for name, processes in results.items()})
+
+
+def print_table(rows):
+    columns = ["examples/s", "tokens/s", "ms/step", "peak MiB"]
+    print(f"{'':14}" + "".join(f"{c:>13}" for c in columns))
+    for name, row in rows.items():
+        print(f"{name:14}" + "".join(f"{row[c]:13,.1f}" for c in columns))
+    if len(rows) == 2:
+        ours, theirs = rows.values()
+        print(f"{'ours/Trainer':14}" + "".join(f"{ours[c] / theirs[c]:12.2f}x" for c in columns))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        check_args(args)
+        tokenizer = load_tokenizer(args.pretrained_model_name or args.tokenizer)
+        features = first(prepare_data(args, tokenizer), args.max_examples)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.data_only:
+        return 0
+    # Whenever torch_xla is installed, Trainer (through accelerate) puts the model on an XLA
+    # device, use_cpu=True or not. Both libraries read this switch at import, so it must be
+    # set before the loops' processes start; it is their documented way out.
+    os.environ["USE_TORCH_XLA"] = "1" if args.device == "xla" else "0"
+    print_report(measure(args, features), args, len(features))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

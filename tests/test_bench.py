@@ -1,0 +1,24 @@
+"""The benchmark runs end to end at a tiny size and prints its tables (no timing checks:
+a test machine's speed says nothing about the code)."""
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_benchmark_prints_data_timings_and_both_loops(tiny_model, corpus):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"),
+         "--pretrained_model_name", str(tiny_model), "--downstream_corpus_root_dir", str(corpus),
+         "--device", "cpu", "--batch_size", "8", "--warmup_steps", "1", "--steps", "2",
+         "--repeats", "1", "--log_every", "1"],
+        cwd=ROOT, env=os.environ, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.lstrip().startswith("cold (read, tokenize, cache):") for line in lines)
+    assert any(line.lstrip().startswith("warm (load from the cache):") for line in lines)
+    header = next(line for line in lines if "examples/s" in line and "tokens/s" in line)
+    assert "ms/step" in header and "peak MiB" in header
+    for row in ("ours ", "Trainer ", "ours/Trainer "):
+        assert any(line.startswith(row) for line in lines), row

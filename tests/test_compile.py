@@ -1,0 +1,16 @@
+"""train.py --compile: the compiled loss is the eager one."""
+import torch
+
+import data
+import train
+from model import load_model, load_tokenizer
+
+
+def test_compiled_loss_sum_equals_the_eager_one(tiny_model):
+    tokenizer = load_tokenizer(str(tiny_model))
+    texts = [" ".join(["정말"] * (1 + i % 7)) for i in range(8)]   # uneven lengths: padding
+    features = data.encode(data.Reviews(texts, [i % 2 for i in range(8)]), tokenizer, 16)
+    batch = data.ReviewBatches(features, tokenizer.pad_token_id, False, 8)[list(range(8))]
+    model = load_model(str(tiny_model), tokenizer).eval()  # no dropout: both see one function
+    compiled = train.Backend("cpu", None).compile(train.token_loss_sum)
+    torch.testing.assert_close(compiled(model, batch), train.token_loss_sum(model, batch))
