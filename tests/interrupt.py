@@ -55,9 +55,9 @@ def main():
         original = train.accumulate_gradients
         calls = {"n": 0}
 
-        def nan_loss(model, window, backend):
+        def nan_loss(*args, **kwargs):
             calls["n"] += 1
-            loss_sum, tokens = original(model, window, backend)
+            loss_sum, tokens = original(*args, **kwargs)
             return (loss_sum * float("nan") if calls["n"] == step else loss_sum), tokens
         train.accumulate_gradients = nan_loss
     else:
