@@ -264,6 +264,7 @@ def run_ours(args, features):
     backend, tokenizer, model = setup(args)
     backend.seed(args.seed)
     model.to(backend.device).train()
+    model.tie_weights()  # as train.py does: on XLA the move unties GPT-2's shared embedding
     optimizer = backend.optimizer(train.param_groups(model, args.weight_decay), args.learning_rate)
     total = args.warmup_steps + args.repeats * args.steps
     # train_step reads these fields of train.Run; the rest serve evaluation and checkpoints.
