@@ -1,5 +1,6 @@
 """Tokenizer and model: load them from the hub or a local directory, save them in
 Hugging Face format so that `from_pretrained(directory)` loads what training wrote."""
+import threading
 from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -31,9 +32,16 @@ def load_tokenizer(name, flag="--pretrained_model_name"):
     return tokenizer
 
 
-def load_model(name, tokenizer, flag="--pretrained_model_name"):
-    """The causal LM `name`, checked to cover every id the tokenizer can produce."""
-    model = from_pretrained(AutoModelForCausalLM, name, flag)
+def load_model(name, tokenizer, flag="--pretrained_model_name", device=None):
+    """The causal LM `name`, checked to cover every id the tokenizer can produce, on
+    `device` when one is given."""
+    with LOADING:
+        model = from_pretrained(AutoModelForCausalLM, name, flag)
+        if device is not None:
+            model.to(device)
+            # Moving to an XLA device copies each parameter, which unties GPT-2's output
+            # layer from its token embedding: the two would then train apart. Tie them again.
+            model.tie_weights()
     if model.config.vocab_size < len(tokenizer):
         raise InputError(f"{flag} {name}: the model knows "
                          f"{model.config.vocab_size} tokens but its tokenizer has "
@@ -41,14 +49,27 @@ def load_model(name, tokenizer, flag="--pretrained_model_name"):
     return model
 
 
-def check_loadable(name, flag):
-    """Fail early, in one line, when `name` is neither a model directory nor reachable."""
-    from_pretrained(AutoConfig, name, flag)
+def check_loadable(name, flag, max_seq_length=None):
+    """Fail early, in one line, when `name` is neither a model directory nor reachable, or
+    when `max_seq_length` is longer than the positions the model has."""
+    config = from_pretrained(AutoConfig, name, flag)
+    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if max_seq_length and positions and max_seq_length > positions:
+        raise InputError(f"--max_seq_length {max_seq_length} is longer than the {positions} "
+                         f"positions of {flag} {name}; use at most {positions}")
+
+
+# `from_pretrained` is not thread-safe: while it builds a model it makes every parameter that
+# any thread registers land on the "meta" device, without data. XLA replicas that are threads
+# of one process (every XLA:CPU run, two per process on TPU v2/v3 hosts) therefore load, move
+# and tie their models one at a time ("Cannot copy out of meta tensor" otherwise).
+LOADING = threading.RLock()
 
 
 def from_pretrained(cls, name, flag):
     try:
-        return cls.from_pretrained(name)
+        with LOADING:
+            return cls.from_pretrained(name)
     except (OSError, ValueError, ImportError) as e:
         if Path(name).is_dir():
             hint = "the directory needs config.json, model weights and tokenizer.json"
@@ -65,6 +86,14 @@ def cpu_state_dict(model):
     unique |= {name for name, _ in model.named_buffers()}
     return {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()
             if name in unique}
+
+
+def cpu_copy(model):
+    """The same model on the CPU, built from its weights alone, so that no random
+    initialisation draws on the random generator that training uses."""
+    with LOADING:
+        return type(model).from_pretrained(None, config=model.config,
+                                           state_dict=cpu_state_dict(model))
 
 
 def save_pretrained(model, tokenizer, directory, state_dict):

@@ -23,6 +23,8 @@ import signal
 import sys
 import threading
 import time
+import traceback
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,7 +40,8 @@ import data  # noqa: E402
 import generate  # noqa: E402
 import sched  # noqa: E402
 from data import InputError  # noqa: E402
-from model import cpu_state_dict, load_model, load_tokenizer, save_pretrained  # noqa: E402
+from model import (check_loadable, cpu_copy, cpu_state_dict, load_model,  # noqa: E402
+                   load_tokenizer, save_pretrained)
 
 
 # --------------------------------------------------------------------------- arguments
@@ -228,14 +231,19 @@ class Backend:
         """Run `fn(*args)` where it may read tensors: now here, after the step on XLA."""
         fn(*args)
 
-    def barrier(self, name):
-        pass
+    def barrier(self, name, payload=b""):
+        """Wait until every replica is here; returns every replica's `payload`, by rank."""
+        return [payload]
 
     def sync(self):
         """Finish the work queued on the device (XLA runs a step's graph lazily)."""
 
     def seed(self, seed):
         torch.manual_seed(seed)
+
+    def seed_step(self, step):
+        """Called before each optimizer step. The CPU and CUDA generators are restored
+        exactly on resume, so there is nothing to do."""
 
     def rng_state(self):
         cuda = torch.cuda.get_rng_state() if self.device.type == "cuda" else None
@@ -301,8 +309,8 @@ class XlaBackend(Backend):
     def on_host(self, fn, *args):
         self.xm.add_step_closure(fn, args)
 
-    def barrier(self, name):
-        self.xm.rendezvous(name)
+    def barrier(self, name, payload=b""):
+        return self.xm.rendezvous(name, payload)
 
     def sync(self):
         # Otherwise each tensor read back (weights for a checkpoint) would compile and run
@@ -311,20 +319,29 @@ class XlaBackend(Backend):
 
     def seed(self, seed):
         torch.manual_seed(seed)
-        self.xm.set_rng_state(seed, self.device)
+        self.base_seed = seed
 
+    def seed_step(self, step):
+        """XLA moves its device generator on at every graph cut (each sync, barrier or host
+        read), so after a resume, which cuts the graph a different number of times, the
+        generator would be elsewhere. Keying dropout's random stream to (seed, replica,
+        step) makes a resumed run draw the very masks an uninterrupted one draws, and
+        each replica draw its own. Setting the seed compiles nothing new."""
+        self.xm.set_rng_state(self.base_seed + 1_000_003 * (step * self.world_size + self.rank),
+                              self.device)
+
+    # The CPU generator is one per process, shared by replicas that are threads, and the
+    # step draws nothing from it on XLA (dropout uses the device's): only the device's
+    # generator is this replica's own. seed_step sets it before every step anyway.
     def rng_state(self):
-        return {"cpu": torch.get_rng_state(), "xla": self.xm.get_rng_state(self.device)}
+        return {"xla": self.xm.get_rng_state(self.device)}
 
     def set_rng_state(self, state):
-        torch.set_rng_state(state["cpu"])
         self.xm.set_rng_state(state["xla"], self.device)
 
     def generation_model(self, model):
-        """A copy on the CPU: `generate` on XLA compiles a graph for almost every token.
-        Built from the weights alone, so no random initialisation touches the RNG."""
-        return type(model).from_pretrained(None, config=model.config,
-                                           state_dict=to_cpu(model.state_dict()))
+        """A copy on the CPU: `generate` on XLA compiles a graph for almost every token."""
+        return cpu_copy(model)
 
 
 def replica_steps(num_examples, batch_size, world_size, grad_accum_steps):
@@ -647,6 +664,11 @@ def check_resume_args(saved, args, world_size):
     current = {**vars(args), "world_size": world_size}
     changed = [k for k in current if k not in NOT_COMPARED and saved.get(k) != current[k]]
     fatal = [k for k in changed if k in SHAPE_ARGS]
+    if "world_size" in fatal:
+        raise InputError(f"--resume: the checkpoint was trained on {saved.get('world_size')} "
+                         f"replicas and this run has {world_size}; resume on as many devices "
+                         f"(CPU_NUM_DEVICES on the CPU, the same TPU), or start a new "
+                         f"--downstream_model_dir")
     if fatal:
         k = fatal[0]
         raise InputError(f"--resume: --{k} is {current[k]!r} but the checkpoint was trained "
@@ -796,12 +818,10 @@ def setup(backend, args):
                                      backend.fixed_shapes, args.batch_size)
         return data.make_loader(dataset, index_batches, args.cpu_workers, backend.pin_memory)
 
-    checkpoint = find_resume_checkpoint(args)
-    model = load_model(str(checkpoint or args.pretrained_model_name), tokenizer)
-    model.to(backend.device).train()
-    # Moving to an XLA device copies each parameter, which unties GPT-2's output layer from
-    # its token embedding: the two would then train apart. Tie them again.
-    model.tie_weights()
+    check_output_shared(backend, args.downstream_model_dir)
+    checkpoint = agreed_checkpoint(backend, args)
+    model = load_model(str(checkpoint or args.pretrained_model_name), tokenizer,
+                       device=backend.device).train()
     optimizer = backend.optimizer(param_groups(model, args.weight_decay), args.learning_rate)
     warmup = sched.warmup_steps_for(total_steps, args.warmup_ratio, args.warmup_steps)
     run = Run(args=args, backend=backend, tokenizer=tokenizer, model=model, optimizer=optimizer,
@@ -821,6 +841,36 @@ def setup(backend, args):
     if backend.is_master:
         print_banner(run, train_features, val_features, warmup, checkpoint)
     return run
+
+
+def check_output_shared(backend, out):
+    """Every replica must see what the master writes in `out`: it resumes from there. On a
+    TPU pod, where each host runs this script, a folder on a host's own disk would leave
+    the hosts resuming from different steps and waiting for each other forever: one line
+    now instead."""
+    if backend.world_size == 1:
+        return
+    probe = Path(out) / ".replicas-see-this"
+    token = f"{os.getpid()} {time.time_ns()}"
+    if backend.is_master:
+        probe.write_text(token)
+    token = backend.barrier("output-probe", token.encode())[0].decode()  # the master's
+    try:
+        seen = probe.read_text() == token
+    except OSError:
+        seen = False
+    if backend.any_replica(not seen):
+        raise InputError(f"--downstream_model_dir {out}: some replicas cannot see what the "
+                         f"master writes there; on a TPU pod it must be storage every host "
+                         f"sees (NFS, a Filestore or GCS FUSE mount), at the same path")
+
+
+def agreed_checkpoint(backend, args):
+    """The checkpoint to resume from, as the master chose it, so that every replica
+    continues from the same step."""
+    chosen = find_resume_checkpoint(args) if backend.is_master else None
+    chosen = backend.barrier("resume-from", str(chosen or "").encode())[0].decode()
+    return Path(chosen) if chosen else None
 
 
 def load_corpus(args, tokenizer):
@@ -901,6 +951,7 @@ def step_and_report(run, window, bar):
     """Train on one window of micro-batches, count it, and report the loss when due."""
     progress, meter = run.progress, run.meter
     lr = run.optimizer.param_groups[0]["lr"]  # the rate this step uses
+    run.backend.seed_step(progress.step)
     loss_sum, tokens = train_step(run, window)
     progress.step += 1
     progress.batches_done += len(window)
@@ -947,9 +998,29 @@ def interrupted(run, signum):
 
 
 def train_on_xla(index, args):
-    """Entry point of each XLA process (xmp.spawn passes the process index first)."""
+    """Entry point of each XLA replica (xmp.spawn passes its index first)."""
     exit_with_launcher()
-    train(XlaBackend(args.precision), args)
+    backend = XlaBackend(args.precision)
+    try:
+        train(backend, args)
+    except (InputError, Interrupted, CheckpointError, NonFiniteLoss):
+        # Every replica raises these together: they read the same files with the same
+        # arguments (check_output_shared made sure), and agree on signals and failed writes.
+        raise
+    except BaseException as e:
+        if backend.world_size == 1:
+            raise
+        end_process(e, backend.rank)
+
+
+def end_process(error, rank):
+    """A replica that fails alone leaves the others waiting for it inside a collective,
+    where nothing can reach them (replicas may be threads of this very process): print its
+    error and end the process, which the launcher then reports."""
+    print(f"replica {rank} failed:", file=sys.stderr)
+    traceback.print_exception(error, file=sys.stderr)
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def exit_with_launcher():
@@ -991,6 +1062,7 @@ def exclusive(directory):
 def prepare(args):
     """Work done once, before any replica starts: check the model name, find or download
     the corpus, tokenize it into the cache. Replicas then only read the cache."""
+    check_loadable(args.pretrained_model_name, "--pretrained_model_name", args.max_seq_length)
     load_corpus(args, load_tokenizer(args.pretrained_model_name))
 
 
@@ -1025,6 +1097,10 @@ def main(argv=None):
     except Interrupted as e:
         print(e, file=sys.stderr)
         return 128 + e.signum
+    except BrokenProcessPool:  # a replica ended its process: its error is printed above
+        print("error: a replica process ended early (its error is above); nothing after "
+              "the last checkpoint was saved", file=sys.stderr)
+        return 1
     return 0
 
 

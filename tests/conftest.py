@@ -13,6 +13,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach for the network
 
 import fixtures  # noqa: E402
+import xla_cpu_replicas  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -40,11 +41,24 @@ def train_args(tiny_model, corpus, tmp_path):
             "--device", "cpu"]
 
 
-def run_train(args, env=None, timeout=600, **kwargs):
-    """`python train.py ARGS` as a real process; returns the CompletedProcess."""
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT,
-                          env={**os.environ, **(env or {})}, capture_output=True, text=True,
-                          timeout=timeout, **kwargs)
+def run_train(args, env=None, timeout=600, replicas=None, script="train.py", **kwargs):
+    """`python train.py ARGS` as a real process; returns the CompletedProcess.
+
+    `replicas=N` runs the XLA path with N replicas on the CPU (tests/xla_cpu_replicas.py).
+    A run that outlives `timeout` (a hang in a collective, say) fails the test with what it
+    printed; the replicas end with their killed launcher."""
+    if replicas:
+        env = {**xla_cpu_replicas.env(replicas), **(env or {})}
+        args = [*args, "--device", "xla"]
+    command = [sys.executable, str(ROOT / script), *args]
+    try:
+        return subprocess.run(command, cwd=ROOT, env={**os.environ, **(env or {})},
+                              capture_output=True, text=True, timeout=timeout, **kwargs)
+    except subprocess.TimeoutExpired as e:
+        output = "\n".join(text.decode(errors="replace") if isinstance(text, bytes) else text
+                           for text in (e.stdout, e.stderr) if text)
+        pytest.fail(f"{script} did not finish in {timeout} s (a hang?); it printed:\n"
+                    f"{output[-4000:]}", pytrace=False)
 
 
 def read_metrics(out_dir, event=None):

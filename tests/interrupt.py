@@ -8,6 +8,10 @@ FAULT is one of
   kill-in-save   SIGKILL while checkpoint-STEP is being written
   disk-full      the write of checkpoint-STEP fails with ENOSPC
   nan            the loss of step STEP is NaN
+  fail-replica   replica 1 alone raises an error in step STEP (XLA, 2 or more replicas)
+
+On XLA the faults are set up in the replica process too: `xmp.spawn` starts it by importing
+this script again (as __mp_main__, with the same sys.argv).
 """
 import errno
 import os
@@ -36,11 +40,20 @@ def after(sig):
     return fault
 
 
-def main():
+def fail_in_replica_1(function, run, *args, **kwargs):
+    if run.backend.rank == 1:
+        raise RuntimeError("injected failure in replica 1")
+    return function(run, *args, **kwargs)
+
+
+def install_fault():
+    """Wrap train.py's functions as sys.argv asks; returns the arguments for train.py."""
     fault, step, dashes, *train_args = sys.argv[1:]
     step = int(step)
     assert dashes == "--", __doc__
-    if fault in ("sigkill", "sigterm"):
+    if fault == "fail-replica":
+        train.train_step = at_step(train.train_step, step, fail_in_replica_1)
+    elif fault in ("sigkill", "sigterm"):
         sig = signal.SIGKILL if fault == "sigkill" else signal.SIGTERM
         train.train_step = at_step(train.train_step, step, after(sig))
     elif fault == "kill-in-save":
@@ -62,8 +75,11 @@ def main():
         train.accumulate_gradients = nan_loss
     else:
         sys.exit(f"unknown fault {fault!r}")
-    sys.exit(train.main(train_args))
+    return train_args
 
+
+if __name__ == "__mp_main__":  # an XLA replica process
+    install_fault()
 
 if __name__ == "__main__":
-    main()
+    sys.exit(train.main(install_fault()))

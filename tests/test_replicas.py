@@ -1,0 +1,255 @@
+"""The XLA path with 2, 4 and 8 real replicas on the CPU (tests/xla_cpu_replicas.py): the
+replicas together compute what one device computes, and everything that needs their
+agreement (evaluation, checkpoints, signals, resume, failures) works across them."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+import xla_cpu_replicas
+from conftest import ROOT, read_metrics, run_train
+from data import InputError
+
+GLOBAL_BATCH = 32  # N replicas x --batch_size 32/N; 258 reviews give 8 steps an epoch
+
+
+@pytest.fixture(scope="module")
+def dropout_free_model(tiny_model, tmp_path_factory):
+    """The tiny model without dropout, so that any split of a batch computes one function."""
+    out = tmp_path_factory.mktemp("dropout-free")
+    for f in tiny_model.iterdir():
+        shutil.copy(f, out)
+    config = json.loads((out / "config.json").read_text())
+    config.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def replica_args(model, corpus, out, replicas, *extra):
+    return ["--pretrained_model_name", str(model), "--downstream_corpus_root_dir", str(corpus),
+            "--downstream_model_dir", str(out), "--cache_dir", str(out.parent / "cache"),
+            "--batch_size", str(GLOBAL_BATCH // replicas), "--learning_rate", "1e-3",
+            "--log_every", "1", *extra]
+
+
+@pytest.fixture(scope="module")
+def one_replica(dropout_free_model, tmp_path_factory):
+    """The reference: one XLA replica with the whole global batch."""
+    root = tmp_path_factory.mktemp("one-replica")
+    import fixtures
+    corpus = fixtures.write_corpus(root / "corpus")
+    out = root / "out"
+    result = run_train(replica_args(dropout_free_model, corpus, out, 1, "--max_steps", "4"),
+                       replicas=1)
+    assert result.returncode == 0, result.stderr
+    return corpus, out
+
+
+def max_weight_difference(a, b):
+    wa, wb = load_file(Path(a) / "model.safetensors"), load_file(Path(b) / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    return max((wa[k] - wb[k]).abs().max().item() for k in wa)
+
+
+@pytest.mark.parametrize("replicas", [2, 4, 8])
+def test_n_replicas_train_what_one_replica_with_an_n_fold_batch_trains(
+        dropout_free_model, one_replica, tmp_path, replicas):
+    corpus, reference = one_replica
+    out = tmp_path / "out"
+    result = run_train(replica_args(dropout_free_model, corpus, out, replicas, "--max_steps", "4"),
+                       replicas=replicas)
+    assert result.returncode == 0, result.stderr
+    assert f"xla (CPU, {replicas} replicas)" in result.stdout
+    assert f"= {GLOBAL_BATCH} examples per step" in result.stdout
+
+    ours, theirs = read_metrics(out), read_metrics(reference)
+    assert [(e["event"], e["step"]) for e in ours] == [(e["event"], e["step"]) for e in theirs]
+    for a, b in zip(ours, theirs):
+        if a["event"] == "eval":   # sharded across replicas, summed: every review once
+            assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
+            assert a["polarity_accuracy"] == b["polarity_accuracy"]
+        else:                       # the data each replica sees and the token-mean loss
+            assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+            assert a["lr"] == b["lr"]
+    assert max_weight_difference(out / "checkpoint-4", reference / "checkpoint-4") < 1e-5
+    # The master alone exported the best model (the last one here), once.
+    assert max_weight_difference(out, out / "checkpoint-4") == 0
+    assert sorted(p.name for p in (out / "checkpoint-4").glob("rng_state_*.pt")) == [
+        f"rng_state_{rank}.pt" for rank in range(replicas)]
+
+
+def wait_for(condition, process, what, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended before {what}: {process.communicate()}")
+        time.sleep(0.1)
+    raise AssertionError(f"no {what} after {timeout} s")
+
+
+def start(args, replicas, script="train.py"):
+    return subprocess.Popen([sys.executable, str(ROOT / script), *args, "--device", "xla"],
+                            cwd=ROOT, env={**os.environ, **xla_cpu_replicas.env(replicas)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def trained_steps(out):
+    path = out / "metrics.jsonl"
+    return [e["step"] for e in read_metrics(out, "train")] if path.exists() else []
+
+
+def assert_same_run(a, b):
+    """The same losses, learning rates, validation losses and final weights, exactly."""
+    keys = ("event", "step", "loss", "lr", "val_loss")
+    assert ([{k: e[k] for k in keys if k in e} for e in read_metrics(a)]
+            == [{k: e[k] for k in keys if k in e} for e in read_metrics(b)])
+    assert max_weight_difference(a, b) == 0
+
+
+def test_sigterm_to_the_launcher_saves_every_replica_once_and_resume_continues_exactly(
+        tiny_model, corpus, tmp_path):
+    """Four replicas, dropout on: SIGTERM to the launcher stops every replica at the same
+    step, with one checkpoint holding each replica's state; --resume latest then ends
+    where an uninterrupted run ends; another number of replicas is refused."""
+    run = ["--epochs", "2", "--log_every", "2", "--keep_checkpoints", "5"]
+    reference = tmp_path / "reference"
+    result = run_train(replica_args(tiny_model, corpus, reference, 4, *run), replicas=4)
+    assert result.returncode == 0, result.stderr
+
+    out = tmp_path / "out"
+    args = replica_args(tiny_model, corpus, out, 4, *run)
+    process = start(args, 4)
+    try:
+        wait_for(lambda: 2 in trained_steps(out), process, "training step 2")
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    stopped = int(stderr.split("stopped by SIGTERM at step ")[1].split(":")[0])
+    assert stopped < 16 and stopped % 2 == 0       # replicas agree at report steps
+    saved = out / f"checkpoint-{stopped}"
+    assert train.is_complete(saved) and "--resume latest" in stderr
+    assert sorted(p.name for p in saved.glob("rng_state_*.pt")) == [
+        f"rng_state_{rank}.pt" for rank in range(4)]
+
+    resumed = run_train(args + ["--resume", "latest"], replicas=4)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"(step {stopped}," in resumed.stdout
+    assert_same_run(out, reference)
+
+    other = replica_args(tiny_model, corpus, out, 2, *run, "--batch_size", "8")
+    refused = run_train(other + ["--resume", "latest"], replicas=2)
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines()[-1] == (
+        "error: --resume: the checkpoint was trained on 4 replicas and this run has 2; "
+        "resume on as many devices (CPU_NUM_DEVICES on the CPU, the same TPU), or start a "
+        "new --downstream_model_dir")
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_kill_9_then_resume_ends_with_the_weights_of_an_uninterrupted_xla_run(
+        tiny_model, corpus, tmp_path, replicas):
+    """Dropout on: the device's random stream must continue exactly after a resume."""
+    run = ["--max_steps", "12", "--save_every_steps", "4", "--log_every", "2"]
+    reference = tmp_path / "reference"
+    result = run_train(replica_args(tiny_model, corpus, reference, replicas, *run),
+                       replicas=replicas)
+    assert result.returncode == 0, result.stderr
+
+    out = tmp_path / "out"
+    args = replica_args(tiny_model, corpus, out, replicas, *run)
+    process = start(args, replicas)
+    try:
+        wait_for(lambda: train.is_complete(out / "checkpoint-4"), process, "checkpoint-4")
+        children = psutil.Process(process.pid).children(recursive=True)
+        process.kill()
+        process.wait()
+        psutil.wait_procs(children, timeout=60)
+    finally:
+        process.kill()
+    assert trained_steps(out)[-1] < 12, "the kill came too late to test a resume"
+
+    resumed = run_train(args + ["--resume", "latest"], replicas=replicas)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(out, reference)
+
+
+def test_a_replica_that_fails_alone_ends_the_run_promptly_with_its_error(
+        tiny_model, corpus, tmp_path):
+    """The other replicas wait for it inside a collective: without care, forever."""
+    args = replica_args(tiny_model, corpus, tmp_path / "out", 4, "--max_steps", "6")
+    started = time.time()
+    result = run_train(["fail-replica", "3", "--", *args], replicas=4, timeout=240,
+                       script="tests/interrupt.py")
+    assert result.returncode == 1
+    assert "replica 1 failed" in result.stderr
+    assert "RuntimeError: injected failure in replica 1" in result.stderr
+    assert "error: a replica process ended early (its error is above)" in result.stderr
+    assert time.time() - started < 200
+
+
+@pytest.mark.parametrize("device", ["cpu", "xla"])
+def test_max_seq_length_beyond_the_models_positions_is_one_line(train_args, device):
+    result = run_train(train_args + ["--max_seq_length", "129", "--device", device],
+                       env={"PJRT_DEVICE": "CPU"})
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: --max_seq_length 129 is longer than the 128 positions of "
+        f"--pretrained_model_name {train_args[1]}; use at most 128")
+
+
+class ThreadReplica(train.Backend):
+    """One of two replicas that are threads, each with its own view of the file system."""
+
+    def __init__(self, rank, shared):
+        super().__init__("cpu", "fp32")
+        self.rank, self.world_size, self.shared = rank, 2, shared
+
+    def barrier(self, name, payload=b""):
+        self.shared["payloads"][self.rank] = payload
+        self.shared["barrier"].wait()
+        payloads = list(self.shared["payloads"])
+        self.shared["barrier"].wait()
+        return payloads
+
+    def any_replica(self, flag):
+        return any(p[0] for p in self.barrier("any", bytes([flag])))
+
+
+@pytest.mark.parametrize("shared_folder", [True, False])
+def test_replicas_check_that_they_see_the_masters_output_folder(tmp_path, shared_folder):
+    """A TPU pod host whose --downstream_model_dir is on its own disk: one clear line on
+    every host, instead of replicas resuming from different steps and hanging."""
+    shared = {"barrier": threading.Barrier(2, timeout=30), "payloads": [None, None]}
+    folders = [tmp_path / "host0", tmp_path / ("host0" if shared_folder else "host1")]
+    errors = [None, None]
+
+    def replica(rank):
+        folders[rank].mkdir(exist_ok=True)
+        try:
+            train.check_output_shared(ThreadReplica(rank, shared), folders[rank])
+        except InputError as e:
+            errors[rank] = str(e)
+    threads = [threading.Thread(target=replica, args=(rank,)) for rank in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    if shared_folder:
+        assert errors == [None, None]
+    else:
+        assert all(error and "storage every host sees" in error for error in errors)
