@@ -347,6 +347,18 @@ def batches_per_epoch(num_examples, batch_size, world_size):
     return (num_examples // world_size) // batch_size
 
 
+def windows(batches, size):
+    """Group micro-batches for gradient accumulation; the last group may be shorter."""
+    window = []
+    for batch in batches:
+        window.append(batch)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
 def make_loader(dataset, batches, workers, pin_memory):
     # batch_size=None: `batches` yields lists of indices and the dataset builds each batch.
     # A private generator keeps the loader from drawing on the global RNG, which drives

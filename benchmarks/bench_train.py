@@ -24,15 +24,16 @@ import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from concurrent.futures import ProcessPoolExecutor  # noqa: E402
-from types import SimpleNamespace  # noqa: E402
 
 import torch  # noqa: E402
 
+import backend as backends  # noqa: E402
 import data  # noqa: E402
 import sched  # noqa: E402
 import train  # noqa: E402
 from data import InputError  # noqa: E402
 from model import load_model, load_tokenizer  # noqa: E402
+from reporting import LossMeter  # noqa: E402
 
 # Randomly initialised GPT-2 shapes for --model_shape. `kogpt2` is skt/kogpt2-base-v2's exact
 # shape (125M parameters, vocabulary 51,200); `tiny` uses the tokenizer's own vocabulary.
@@ -142,8 +143,8 @@ def first(features, n):
 def make_backend(args):
     """train.py's backend: the device, precision and optimizer both loops use."""
     if args.device == "xla":
-        return train.XlaBackend(args.precision)
-    return train.Backend(args.device, args.precision)
+        return backends.XlaBackend(args.precision)
+    return backends.Backend(args.device, args.precision)
 
 
 def synchronize(device):
@@ -267,21 +268,20 @@ def run_ours(args, features):
     model.tie_weights()  # as train.py does: on XLA the move unties GPT-2's shared embedding
     optimizer = backend.optimizer(train.param_groups(model, args.weight_decay), args.learning_rate)
     total = args.warmup_steps + args.repeats * args.steps
-    # train_step reads these fields of train.Run; the rest serve evaluation and checkpoints.
-    run = SimpleNamespace(model=model, backend=backend, args=args, optimizer=optimizer,
-                          scheduler=sched.linear_warmup_decay(optimizer, args.warmup_steps, total),
-                          loss_sum_fn=train.token_loss_sum)
-    if args.compile:  # as train.py --compile does
-        run.loss_sum_fn = backend.compile(train.token_loss_sum)
+    scheduler = sched.linear_warmup_decay(optimizer, args.warmup_steps, total)
+    # As train.py --compile does: the forward pass and the loss compiled together.
+    loss_fn = backend.compile(train.token_loss_sum) if args.compile else train.token_loss_sum
     batches = data.TrainBatches(len(features), args.batch_size, backend.world_size,
                                 backend.rank, args.seed)
     dataset = CountedReviewBatches(features, tokenizer.pad_token_id, backend.fixed_shapes,
                                    args.batch_size)
     loader = data.make_loader(dataset, batches, 0, backend.pin_memory)
-    meter = train.LossMeter(backend.device, 0)
+    meter = LossMeter(backend.device, 0)
     clock = Clock(args, backend.device)
     for step, batch in enumerate(epochs(backend, loader, batches), start=1):
-        meter.add(*train.train_step(run, [batch]))  # one micro-batch per step, as the tutorial
+        # One micro-batch per step, as the tutorial.
+        meter.add(*train.train_step(model, optimizer, scheduler, [batch], backend, step - 1,
+                                    args.max_grad_norm, loss_fn))
         if step % args.log_every == 0:
             backend.on_host(read_loss, meter.loss_sum, meter.tokens)
             meter.reset()

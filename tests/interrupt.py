@@ -20,16 +20,26 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import checkpoint  # noqa: E402
 import train  # noqa: E402
 
 
-def at_step(function, step, fault):
-    """Wrap `function(run, ...)` so that `fault()` runs when it works on step `step`."""
-    def wrapped(run, *args, **kwargs):
-        if run.progress.step + 1 == step and fault is not None:
-            return fault(function, run, *args, **kwargs)
-        return function(run, *args, **kwargs)
+def at_step(function, step, fault, step_of):
+    """Wrap `function` so that `fault(function, *args)` runs instead when `step_of(*args)`,
+    the optimizer step it works on, is `step`."""
+    def wrapped(*args, **kwargs):
+        if step_of(*args, **kwargs) == step:
+            return fault(function, *args, **kwargs)
+        return function(*args, **kwargs)
     return wrapped
+
+
+def computing(model, optimizer, scheduler, window, backend, step, *rest):
+    return step + 1  # train_step computes step+1 (its `step` counts the steps done)
+
+
+def saving(progress, *rest):
+    return progress.step  # checkpoint.training_state, called inside save_checkpoint
 
 
 def after(sig):
@@ -40,10 +50,10 @@ def after(sig):
     return fault
 
 
-def fail_in_replica_1(function, run, *args, **kwargs):
-    if run.backend.rank == 1:
+def fail_in_replica_1(function, model, optimizer, scheduler, window, backend, *rest):
+    if backend.rank == 1:
         raise RuntimeError("injected failure in replica 1")
-    return function(run, *args, **kwargs)
+    return function(model, optimizer, scheduler, window, backend, *rest)
 
 
 def install_fault():
@@ -52,18 +62,18 @@ def install_fault():
     step = int(step)
     assert dashes == "--", __doc__
     if fault == "fail-replica":
-        train.train_step = at_step(train.train_step, step, fail_in_replica_1)
+        train.train_step = at_step(train.train_step, step, fail_in_replica_1, computing)
     elif fault in ("sigkill", "sigterm"):
         sig = signal.SIGKILL if fault == "sigkill" else signal.SIGTERM
-        train.train_step = at_step(train.train_step, step, after(sig))
+        train.train_step = at_step(train.train_step, step, after(sig), computing)
     elif fault == "kill-in-save":
-        # save_checkpoint runs after the step's counter moved on: step STEP is done.
-        train.training_state = at_step(train.training_state, step + 1,
-                                       lambda *a: os.kill(os.getpid(), signal.SIGKILL))
+        checkpoint.training_state = at_step(checkpoint.training_state, step,
+                                            lambda *a: os.kill(os.getpid(), signal.SIGKILL),
+                                            saving)
     elif fault == "disk-full":
-        def no_space(function, run, *args):
+        def no_space(function, *args):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        train.training_state = at_step(train.training_state, step + 1, no_space)
+        checkpoint.training_state = at_step(checkpoint.training_state, step, no_space, saving)
     elif fault == "nan":
         original = train.accumulate_gradients
         calls = {"n": 0}

@@ -1,6 +1,7 @@
 """train.py --compile: the compiled loss is the eager one."""
 import torch
 
+import backend
 import data
 import train
 from model import load_model, load_tokenizer
@@ -12,5 +13,5 @@ def test_compiled_loss_sum_equals_the_eager_one(tiny_model):
     features = data.encode(data.Reviews(texts, [i % 2 for i in range(8)]), tokenizer, 16)
     batch = data.ReviewBatches(features, tokenizer.pad_token_id, False, 8)[list(range(8))]
     model = load_model(str(tiny_model), tokenizer).eval()  # no dropout: both see one function
-    compiled = train.Backend("cpu", None).compile(train.token_loss_sum)
+    compiled = backend.Backend("cpu", None).compile(train.token_loss_sum)
     torch.testing.assert_close(compiled(model, batch), train.token_loss_sum(model, batch))

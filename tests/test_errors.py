@@ -89,7 +89,7 @@ def test_output_directory_that_cannot_be_written(train_args, tmp_path, capsys):
 
 def hold_lock(directory):
     """Another process holding the output directory, as a running training would."""
-    code = ("import sys, time, train; lock = train.exclusive(sys.argv[1]); lock.__enter__(); "
+    code = ("import sys, time, checkpoint; lock = checkpoint.exclusive(sys.argv[1]); lock.__enter__(); "
             "print('locked', flush=True); time.sleep(600)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(directory)], cwd=train.__file__.rsplit("/", 1)[0],
                               stdout=subprocess.PIPE, text=True)

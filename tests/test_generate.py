@@ -9,10 +9,11 @@ import torch
 import data
 import fixtures
 import generate
+import polarity
 from conftest import read_metrics, run_train
 from model import load_model, load_tokenizer
 
-SETTINGS = {**generate.SAMPLING, "max_new_tokens": 12}
+SETTINGS = {**polarity.SAMPLING, "max_new_tokens": 12}
 
 
 @pytest.fixture(scope="module")
@@ -46,23 +47,23 @@ def review_features(tokenizer, texts, label):
 def test_a_review_starts_as_in_training(untrained):
     _, tokenizer = untrained
     row = review_features(tokenizer, ["영화 최고 감동"], 1).input_ids[0].tolist()
-    word = generate.prompt_ids(tokenizer, "긍정")[0].tolist()
-    review = generate.prompt_ids(tokenizer, "", "영화 최고 감동")[0].tolist()
+    word = polarity.prompt_ids(tokenizer, "긍정")[0].tolist()
+    review = polarity.prompt_ids(tokenizer, "", "영화 최고 감동")[0].tolist()
     # Training's row is the polarity word alone, then the review, then </s>: no token for
     # the space between them, and no special token in front.
     assert row[:len(word) + len(review) + 1] == word + review + [tokenizer.eos_token_id]
-    with_prompt = generate.prompt_ids(tokenizer, "긍정", "영화 최고")[0].tolist()
+    with_prompt = polarity.prompt_ids(tokenizer, "긍정", "영화 최고")[0].tolist()
     assert row[:len(with_prompt)] == with_prompt
 
 
 def test_the_same_seed_writes_the_same_reviews_and_leaves_the_rng_alone(untrained):
     model, tokenizer = untrained
     state = torch.get_rng_state()
-    first = generate.write_reviews(model, tokenizer, "긍정", SETTINGS, num_samples=3, seed=1)
+    first = polarity.write_reviews(model, tokenizer, "긍정", SETTINGS, num_samples=3, seed=1)
     assert torch.equal(torch.get_rng_state(), state)
     assert len(first) == 3
     for seed, same in [(1, True), (2, False)]:
-        again = generate.write_reviews(model, tokenizer, "긍정", SETTINGS, num_samples=3, seed=seed)
+        again = polarity.write_reviews(model, tokenizer, "긍정", SETTINGS, num_samples=3, seed=seed)
         assert (again == first) == same
 
 
@@ -73,7 +74,7 @@ def test_stripping_the_polarity_word_leaves_the_bare_review(untrained):
     texts = ["영화 최고 감동", "정말 별로", "이 배우 연기 너무 좋았다"]
     bare = review_features(tokenizer, texts, None)
     for label in data.POLARITY:
-        stripped = generate.strip_polarity(review_features(tokenizer, texts, label), tokenizer)
+        stripped = polarity.strip_polarity(review_features(tokenizer, texts, label), tokenizer)
         assert torch.equal(stripped.input_ids, bare.input_ids)
         assert torch.equal(stripped.lengths, bare.lengths)
 
@@ -82,11 +83,11 @@ def test_review_log_prob_scores_the_review_and_not_the_prefix(untrained):
     model, tokenizer = untrained
     texts = ["영화 최고 감동", "정말 별로", "이 배우 연기 너무 좋았다"]
     features = review_features(tokenizer, texts, 1)
-    dataset = generate.PolarityBatches(features, tokenizer, None, fixed_shape=True, batch_size=4)
+    dataset = polarity.PolarityBatches(features, tokenizer, None, fixed_shape=True, batch_size=4)
     batch = dataset[[0, 1, 2]]
-    prefix = generate.prompt_ids(tokenizer, "부정")
+    prefix = polarity.prompt_ids(tokenizer, "부정")
     with torch.no_grad():
-        batched = generate.review_log_prob(model, prefix, batch)
+        batched = polarity.review_log_prob(model, prefix, batch)
         for row, text in enumerate(texts):
             # One review alone, no padding: the sum of log p(token | everything before it)
             # over the review's tokens and </s>.
@@ -104,9 +105,9 @@ def test_fixed_shapes_count_every_review_once(untrained):
     features = data.encode(data.Reviews(*zip(*fixtures.make_reviews(12))), tokenizer, 32)
     counts = []
     for fixed_shape in (False, True):
-        dataset = generate.PolarityBatches(features, tokenizer, 11, fixed_shape, batch_size=4)
+        dataset = polarity.PolarityBatches(features, tokenizer, 11, fixed_shape, batch_size=4)
         batches = [dataset[indices] for indices in data.eval_batches(len(dataset), 4, 1, 0)]
-        counts.append([int(n) for n in generate.polarity_counts(model, tokenizer, batches)])
+        counts.append([int(n) for n in polarity.polarity_counts(model, tokenizer, batches)])
     assert counts[0] == counts[1]
     assert counts[0][1] == 11
 

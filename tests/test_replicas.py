@@ -13,10 +13,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-import torch
 from safetensors.torch import load_file
 
-import train
+import backend
+import checkpoint
 import xla_cpu_replicas
 from conftest import ROOT, read_metrics, run_train
 from data import InputError
@@ -142,7 +142,7 @@ def test_sigterm_to_the_launcher_saves_every_replica_once_and_resume_continues_e
     stopped = int(stderr.split("stopped by SIGTERM at step ")[1].split(":")[0])
     assert stopped < 16 and stopped % 2 == 0       # replicas agree at report steps
     saved = out / f"checkpoint-{stopped}"
-    assert train.is_complete(saved) and "--resume latest" in stderr
+    assert checkpoint.is_complete(saved) and "--resume latest" in stderr
     assert sorted(p.name for p in saved.glob("rng_state_*.pt")) == [
         f"rng_state_{rank}.pt" for rank in range(4)]
 
@@ -174,7 +174,7 @@ def test_kill_9_then_resume_ends_with_the_weights_of_an_uninterrupted_xla_run(
     args = replica_args(tiny_model, corpus, out, replicas, *run)
     process = start(args, replicas)
     try:
-        wait_for(lambda: train.is_complete(out / "checkpoint-4"), process, "checkpoint-4")
+        wait_for(lambda: checkpoint.is_complete(out / "checkpoint-4"), process, "checkpoint-4")
         children = psutil.Process(process.pid).children(recursive=True)
         process.kill()
         process.wait()
@@ -212,7 +212,7 @@ def test_max_seq_length_beyond_the_models_positions_is_one_line(train_args, devi
         f"--pretrained_model_name {train_args[1]}; use at most 128")
 
 
-class ThreadReplica(train.Backend):
+class ThreadReplica(backend.Backend):
     """One of two replicas that are threads, each with its own view of the file system."""
 
     def __init__(self, rank, shared):
@@ -241,7 +241,7 @@ def test_replicas_check_that_they_see_the_masters_output_folder(tmp_path, shared
     def replica(rank):
         folders[rank].mkdir(exist_ok=True)
         try:
-            train.check_output_shared(ThreadReplica(rank, shared), folders[rank])
+            checkpoint.check_output_shared(ThreadReplica(rank, shared), folders[rank])
         except InputError as e:
             errors[rank] = str(e)
     threads = [threading.Thread(target=replica, args=(rank,)) for rank in range(2)]

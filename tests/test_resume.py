@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+import checkpoint
 import train
 from conftest import ROOT, read_metrics, run_train
 
@@ -50,7 +51,7 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(train_args, 
     killed = interrupted("sigkill", 23, args)
     assert killed.returncode == -signal.SIGKILL
     out = tmp_path / "out"
-    assert train.latest_checkpoint(out).name == "checkpoint-20"   # mid-epoch 2
+    assert checkpoint.latest_checkpoint(out).name == "checkpoint-20"   # mid-epoch 2
     resumed = run_train(args + ["--resume", "latest"])
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming:         " in resumed.stdout and "(step 20, epoch 2)" in resumed.stdout
@@ -94,7 +95,7 @@ def test_sigterm_saves_prints_how_to_resume_and_exits_nonzero(train_args, tmp_pa
     assert "stopped by SIGTERM at step 23" in stopped.stderr
     assert "--resume latest" in stopped.stderr and "Traceback" not in stopped.stderr
     out = tmp_path / "out"
-    assert train.latest_checkpoint(out).name == "checkpoint-23"
+    assert checkpoint.latest_checkpoint(out).name == "checkpoint-23"
     resumed = run_train(args + ["--resume", "latest"])
     assert resumed.returncode == 0, resumed.stderr
     assert_same_weights(out / "checkpoint-48", uninterrupted / "checkpoint-48")
@@ -127,7 +128,7 @@ def test_signal_to_a_running_process(train_args, tmp_path, sig, device):
         process.kill()
     assert process.returncode == 128 + sig, stderr
     assert f"stopped by {signal.Signals(sig).name}" in stderr and "--resume latest" in stderr
-    saved = train.latest_checkpoint(out)
+    saved = checkpoint.latest_checkpoint(out)
     assert saved is not None and (saved / "training_state.pt").is_file()
 
 
@@ -150,7 +151,7 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(train_args, tmp_pa
     assert "No space left on device" in line and "checkpoint-5 is intact" in line
     out = tmp_path / "out"
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-5"]
-    assert train.is_complete(out / "checkpoint-5")
+    assert checkpoint.is_complete(out / "checkpoint-5")
     assert "Traceback" not in result.stderr
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
 
+import backend
 import data
 import train
 from conftest import read_metrics, run_train
@@ -72,7 +73,7 @@ def cpu_val_loss(model_dir, corpus_file):
         return (train.token_loss_sum(model, batch) / train.count_targets(batch)).item()
 
 
-class Replica(train.Backend):
+class Replica(backend.Backend):
     """One of `world_size` replicas, on the CPU, whose all-reduce returns a known total."""
 
     def __init__(self, rank, world_size, total):

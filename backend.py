@@ -1,0 +1,313 @@
+"""Where the loop runs: the one place that chooses the device, and the only code that knows
+which one it is on. `Backend` is the CPU or one CUDA GPU in one process; `XlaBackend`
+overrides what differs when the same loop runs on every core of a TPU host, one replica per
+core through `xmp.spawn` (the replicas then all-reduce gradients and losses, meet at
+barriers and agree on when to stop). Also here: turning Ctrl-C and SIGTERM into a flag the
+loop checks between steps, and what a replica does when it fails alone.
+
+A CPU/GPU-only copy of the loop can drop `XlaBackend`, `spawn_replicas` and `run_replica`.
+"""
+import contextlib
+import importlib.util
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import traceback
+
+import torch
+
+from data import InputError
+from model import cpu_copy
+
+
+def choose_device(device, tpu_cores=None):
+    """'xla', 'cuda' or 'cpu' for `--device` and the tutorial's `--tpu_cores`."""
+    if device != "auto":
+        kind = device
+    elif tpu_cores == 0:
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    elif tpu_cores or xla_accelerator():
+        kind = "xla"
+    else:
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
+    if kind == "xla" and importlib.util.find_spec("torch_xla") is None:
+        raise InputError("--device xla: torch_xla is not installed; "
+                         "pip install torch_xla with the same version as torch")
+    return kind
+
+
+def xla_accelerator():
+    """A TPU on the PCI bus, or PJRT_DEVICE naming an accelerator. PJRT_DEVICE=CPU is no
+    request for XLA: importing torch_xla (transformers does) sets it on every machine
+    without a TPU. XLA on the CPU is asked for with --device xla."""
+    if importlib.util.find_spec("torch_xla") is None:
+        return False
+    if os.environ.get("PJRT_DEVICE", "CPU") != "CPU":
+        return True
+    from torch_xla._internal import tpu  # reads the PCI bus; starts no runtime
+    return tpu.num_available_chips() > 0
+
+
+class Backend:
+    """The CPU or one CUDA GPU, in one process."""
+    world_size = 1
+    rank = 0
+    fixed_shapes = False  # batches may be cut to their longest example
+
+    def __init__(self, kind, precision):
+        self.device = torch.device(kind)
+        if precision is None:
+            precision = "bf16" if kind == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        self.precision = precision
+        if kind == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores
+            torch.backends.cudnn.allow_tf32 = True
+
+    @property
+    def is_master(self):
+        return self.rank == 0
+
+    def describe(self):
+        name = torch.cuda.get_device_name() if self.device.type == "cuda" else "CPU"
+        return f"{self.device.type} ({name}), {self.precision}"
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def compile(self, fn):
+        return torch.compile(fn)
+
+    def optimizer(self, param_groups, lr):
+        # Fused: one kernel updates every parameter, on the GPU and on the CPU alike; the
+        # default per-parameter loop makes the CPU's optimizer step about 4x slower.
+        return torch.optim.AdamW(param_groups, lr=lr, fused=True)
+
+    def feed(self, loader):
+        """Batches on the device; pinned host memory lets the copy overlap compute."""
+        for batch in loader:
+            yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    @property
+    def pin_memory(self):
+        return self.device.type == "cuda"
+
+    def all_reduce_sum(self, tensor):
+        return tensor
+
+    def reduce_gradients(self, optimizer):
+        pass
+
+    def any_replica(self, flag):
+        """True when `flag` is true on any replica (a host read on XLA: call it rarely)."""
+        return flag
+
+    def on_host(self, fn, *args):
+        """Run `fn(*args)` where it may read tensors: now here, after the step on XLA."""
+        fn(*args)
+
+    def barrier(self, name, payload=b""):
+        """Wait until every replica is here; returns every replica's `payload`, by rank."""
+        return [payload]
+
+    def sync(self):
+        """Finish the work queued on the device (XLA runs a step's graph lazily)."""
+
+    def seed(self, seed):
+        torch.manual_seed(seed)
+
+    def seed_step(self, step):
+        """Called before each optimizer step. The CPU and CUDA generators are restored
+        exactly on resume, so there is nothing to do."""
+
+    def rng_state(self):
+        cuda = torch.cuda.get_rng_state() if self.device.type == "cuda" else None
+        return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+    def set_rng_state(self, state):
+        torch.set_rng_state(state["cpu"])
+        if state["cuda"] is not None:
+            torch.cuda.set_rng_state(state["cuda"])
+
+    def generation_model(self, model):
+        """The model that `generate` samples from (in eval mode): this one."""
+        return model
+
+
+class XlaBackend(Backend):
+    """PyTorch/XLA: one replica per TPU chip (or core). Replicas are processes, or threads
+    of one process (two per process on TPU v2/v3 hosts, all of them on XLA:CPU)."""
+    fixed_shapes = True  # one compiled graph for every step
+
+    def __init__(self, precision):
+        import torch_xla
+        import torch_xla.core.xla_model as xm
+        import torch_xla.distributed.parallel_loader as pl
+        import torch_xla.runtime as xr
+        self.torch_xla, self.xm, self.pl = torch_xla, xm, pl
+        self.device = torch_xla.device()
+        self.world_size = xr.world_size()
+        self.rank = xr.global_ordinal()
+        self.hardware = xr.device_type()
+        if precision is None:
+            precision = "bf16" if self.hardware == "TPU" else "fp32"
+        self.precision = precision
+
+    def describe(self):
+        return f"xla ({self.hardware}, {self.world_size} replicas), {self.precision}"
+
+    def compile(self, fn):
+        return fn  # every step is compiled into one graph already
+
+    def optimizer(self, param_groups, lr):
+        return torch.optim.AdamW(param_groups, lr=lr)
+
+    def feed(self, loader):
+        # Copies batches to the device in the background and cuts the graph after each.
+        return self.pl.MpDeviceLoader(loader, self.device)
+
+    pin_memory = False
+
+    def all_reduce_sum(self, tensor):
+        return self.xm.all_reduce(self.xm.REDUCE_SUM, tensor)
+
+    def reduce_gradients(self, optimizer):
+        # xm.optimizer_step would reduce and step in one call; reducing first lets the
+        # gradient be clipped by its global norm, the same on every replica.
+        self.xm.reduce_gradients(optimizer)
+
+    def any_replica(self, flag):
+        if self.world_size == 1:
+            return flag
+        flag = torch.tensor(float(flag), device=self.device)
+        return self.xm.all_reduce(self.xm.REDUCE_MAX, flag).item() > 0
+
+    def on_host(self, fn, *args):
+        self.xm.add_step_closure(fn, args)
+
+    def barrier(self, name, payload=b""):
+        return self.xm.rendezvous(name, payload)
+
+    def sync(self):
+        # Otherwise each tensor read back (weights for a checkpoint) would compile and run
+        # a graph of its own.
+        self.torch_xla.sync()
+
+    def seed(self, seed):
+        torch.manual_seed(seed)
+        self.base_seed = seed
+
+    def seed_step(self, step):
+        """XLA moves its device generator on at every graph cut (each sync, barrier or host
+        read), so after a resume, which cuts the graph a different number of times, the
+        generator would be elsewhere. Keying dropout's random stream to (seed, replica,
+        step) makes a resumed run draw the very masks an uninterrupted one draws, and
+        each replica draw its own. Setting the seed compiles nothing new."""
+        self.xm.set_rng_state(self.base_seed + 1_000_003 * (step * self.world_size + self.rank),
+                              self.device)
+
+    # The CPU generator is one per process, shared by replicas that are threads, and the
+    # step draws nothing from it on XLA (dropout uses the device's): only the device's
+    # generator is this replica's own. seed_step sets it before every step anyway.
+    def rng_state(self):
+        return {"xla": self.xm.get_rng_state(self.device)}
+
+    def set_rng_state(self, state):
+        self.xm.set_rng_state(state["xla"], self.device)
+
+    def generation_model(self, model):
+        """A copy on the CPU: `generate` on XLA compiles a graph for almost every token."""
+        return cpu_copy(model)
+
+
+# --------------------------------------------------------------------------- signals
+
+class Interrupted(Exception):
+    def __init__(self, message, signum):
+        super().__init__(message, signum)
+        self.message, self.signum = message, signum
+
+    def __str__(self):
+        return self.message
+
+
+class StopSignal:
+    """SIGINT (Ctrl-C) and SIGTERM (preemption, `kill`) become a flag that the loop checks
+    between steps, so the step in flight finishes and a checkpoint is written. A second
+    signal of the same kind stops the process at once. One flag per process."""
+    signum = None
+
+    @classmethod
+    def install(cls):
+        cls.signum = None
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, cls.handle)
+
+    @classmethod
+    def handle(cls, signum, frame):
+        cls.signum = signum
+        signal.signal(signum, signal.SIG_DFL)
+
+
+# --------------------------------------------------------------------------- replicas
+
+def spawn_replicas(train, args, one_core=False, agreed=()):
+    """Run `train(XlaBackend, args)` on every XLA device (one, with `one_core`)."""
+    import torch_xla.distributed.xla_multiprocessing as xmp
+    # Ctrl-C reaches every replica from the terminal; a SIGTERM sent to this process
+    # alone (a preempted TPU VM, `kill`) is passed on so that every replica saves.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: [
+        os.kill(child.pid, signum) for child in multiprocessing.active_children()])
+    # nprocs: None means every device; recent torch_xla accepts nothing but 1 or None.
+    xmp.spawn(Replica(train, agreed), args=(args,), nprocs=1 if one_core else None)
+
+
+class Replica:
+    """What `xmp.spawn` runs on each device. It reaches a replica process pickled, and is
+    unpickled in that process's main thread, before the replicas start as threads, where
+    Python can no longer install signal handlers: `__setstate__` installs them then."""
+
+    def __init__(self, train, agreed):
+        self.train, self.agreed = train, agreed
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        StopSignal.install()
+        exit_with_launcher()
+
+    def __call__(self, index, args):
+        if threading.current_thread() is threading.main_thread():
+            StopSignal.install()  # nprocs=1: this replica runs in the launcher itself
+        backend = XlaBackend(args.precision)
+        try:
+            self.train(backend, args)
+        except self.agreed:
+            raise  # every replica raises it together
+        except BaseException as e:
+            if backend.world_size == 1:
+                raise
+            end_process(e, backend.rank)
+
+
+def exit_with_launcher():
+    """A replica must not outlive its launcher (killed by SIGKILL, say): it would go on
+    writing into an output directory that a new run may by then own."""
+    launcher = multiprocessing.parent_process()
+    if launcher is not None:
+        threading.Thread(target=lambda: (launcher.join(), os._exit(1)), daemon=True).start()
+
+
+def end_process(error, rank):
+    """A replica that fails alone leaves the others waiting for it inside a collective,
+    where nothing can reach them (replicas may be threads of this very process): print its
+    error and end the process, which the launcher then reports."""
+    print(f"replica {rank} failed:", file=sys.stderr)
+    traceback.print_exception(error, file=sys.stderr)
+    sys.stderr.flush()
+    os._exit(1)

@@ -1,0 +1,146 @@
+"""Writing reviews of a polarity, and reading a model as a polarity classifier: shared by
+train.py (its evaluations) and generate.py (the command line).
+
+The model is given exactly what training gave it: `긍정 prompt` tokenized without special
+tokens, with no token_type_ids, and it writes until `</s>`. Polarity accuracy calls a review
+positive when log p(review</s> | 긍정) > log p(review</s> | 부정), scoring the review's
+tokens and `</s>`, never the polarity word itself.
+"""
+import torch
+import torch.nn.functional as F
+
+import data
+from data import POLARITY, InputError
+
+# How reviews are sampled: the command line's defaults, and train.py's samples.
+SAMPLING = dict(max_new_tokens=40, top_k=50, top_p=0.92, temperature=0.9,
+                repetition_penalty=1.2, no_repeat_ngram_size=3)
+
+
+# --------------------------------------------------------------------------- writing reviews
+
+def prompt_ids(tokenizer, polarity, prompt=""):
+    """Token ids [1, n] that start a review the way training started one: `polarity prompt`
+    with no special tokens. With no prompt the polarity word stands alone: `"긍정 "` would
+    add a token for the trailing space, which training never put there."""
+    text = f"{polarity} {prompt.strip()}".strip()
+    return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+
+
+@torch.no_grad()
+def write_reviews(model, tokenizer, polarity, settings, prompt="", num_samples=1, seed=0):
+    """`num_samples` reviews of `polarity` (a POLARITY word, or "" for a model trained
+    without labels) that continue `prompt`, from one batched `generate` call, each decoded
+    without the polarity word. `settings` are `generate`'s sampling arguments (SAMPLING).
+
+    The same seed gives the same reviews, and the caller's random state is left as it
+    was, so that training goes on exactly as if no samples had been drawn."""
+    input_ids = prompt_ids(tokenizer, polarity, prompt).to(model.device)
+    cuda = [model.device] if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                do_sample=True, num_return_sequences=num_samples,
+                                eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=tokenizer.pad_token_id, **settings)
+    # Whitespace splits the polarity word from the prompt, so it is the same tokens alone.
+    skip = prompt_ids(tokenizer, polarity).shape[1] if polarity else 0
+    return [tokenizer.decode(row[skip:], skip_special_tokens=True).strip() for row in output]
+
+
+# --------------------------------------------------------------------------- polarity accuracy
+
+def strip_polarity(features, tokenizer, max_examples=None):
+    """Reviews of labelled `features` without their polarity word: Features whose rows are
+    `review</s>`, left-aligned, the labels kept. With `max_examples`, only that many, spread
+    evenly over the file: the first ones could all share a polarity in a file sorted by label.
+
+    The cached rows are `polarity review</s>`, tokenized in one piece; the tokenizer splits
+    words at spaces before it merges pieces, so each row starts with exactly the tokens of
+    its polarity word alone, whatever their number (checked here)."""
+    n = len(features) if max_examples is None else min(max_examples, len(features))
+    chosen = torch.arange(n) * len(features) // n
+    input_ids, lengths = features.input_ids[chosen], features.lengths[chosen]
+    labels = features.labels[chosen]
+    reviews = torch.full_like(input_ids, tokenizer.pad_token_id)
+    review_lengths = lengths.clone()
+    width = input_ids.shape[1]
+    for label, word in POLARITY.items():
+        prefix = prompt_ids(tokenizer, word)[0].to(input_ids.dtype)
+        rows = labels == label
+        if not (input_ids[rows, :len(prefix)] == prefix).all():
+            raise InputError(f"the tokenizer joins the polarity word {word!r} to the review "
+                             f"that follows it, so the review cannot be scored on its own")
+        reviews[rows, :width - len(prefix)] = input_ids[rows, len(prefix):]
+        review_lengths[rows] -= len(prefix)
+    return data.Features(reviews, review_lengths, labels)
+
+
+class PolarityBatches(data.ReviewBatches):
+    """Batches of reviews without their polarity word (see `strip_polarity`), and under
+    "polarity" each row's label: -1 on the all-padding rows that fixed shapes add."""
+
+    def __init__(self, features, tokenizer, max_examples, fixed_shape, batch_size):
+        super().__init__(strip_polarity(features, tokenizer, max_examples),
+                         tokenizer.pad_token_id, fixed_shape, batch_size)
+
+    def __getitem__(self, indices):
+        batch = super().__getitem__(indices)
+        polarity = self.features.labels[torch.as_tensor(indices, dtype=torch.long)].long()
+        batch["polarity"] = F.pad(polarity, (0, len(batch["input_ids"]) - len(polarity)), value=-1)
+        return batch
+
+
+def review_log_prob(model, prefix, batch):
+    """log p(review</s> | prefix) for each row of a PolarityBatches batch: `prefix` (token
+    ids) goes in front of every review, and only the review's tokens are scored."""
+    prefix = prefix.expand(len(batch["input_ids"]), -1)
+    input_ids = torch.cat([prefix, batch["input_ids"]], dim=1)
+    attention_mask = torch.cat([torch.ones_like(prefix), batch["attention_mask"]], dim=1)
+    targets = torch.cat([torch.full_like(prefix, -100), batch["labels"]], dim=1)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    # Position t predicts token t+1; -100 (the prefix, padding) scores 0.
+    token_log_probs = -F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), targets[:, 1:],
+                                       ignore_index=-100, reduction="none")
+    return token_log_probs.sum(dim=1)
+
+
+@torch.no_grad()
+def polarity_counts(model, tokenizer, batches):
+    """(correct, total) over PolarityBatches `batches` already on the model's device, as
+    tensors there: no host read, so that XLA runs it as a few whole graphs."""
+    device = model.device
+    prefixes = {label: prompt_ids(tokenizer, word).to(device) for label, word in POLARITY.items()}
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    total = torch.zeros((), dtype=torch.long, device=device)
+    for batch in batches:
+        positive = review_log_prob(model, prefixes[1], batch)
+        negative = review_log_prob(model, prefixes[0], batch)
+        predicted = (positive > negative).long()  # a tie counts as negative
+        real = batch["polarity"] >= 0
+        correct += ((predicted == batch["polarity"]) & real).sum()
+        total += real.sum()
+    return correct, total
+
+
+def polarity_accuracy(model, tokenizer, features, backend, batch_size, max_examples=None,
+                      workers=0):
+    """The share of reviews of `features` (`max_examples` of them, spread over the file)
+    whose polarity the model (in eval mode) gets right. Every replica of `backend` (see
+    backend.py) scores its share, in batches of one shape on XLA, and the counts are summed."""
+    dataset = PolarityBatches(features, tokenizer, max_examples, backend.fixed_shapes, batch_size)
+    index_batches = data.eval_batches(len(dataset), batch_size, backend.world_size, backend.rank)
+    loader = data.make_loader(dataset, index_batches, workers, backend.pin_memory)
+    with backend.autocast():
+        counts = polarity_counts(model, tokenizer, backend.feed(loader))
+    correct, total = backend.all_reduce_sum(torch.stack(counts)).tolist()  # one host read
+    return correct / total
+
+
+def one_review_each(model, tokenizer, seed, max_new_tokens=20):
+    """One short review of each polarity, as train.py shows at each evaluation. Seeded, and
+    drawn without touching the training RNG, so a run with samples trains exactly as one
+    without."""
+    settings = {**SAMPLING, "max_new_tokens": max_new_tokens}
+    return {word: write_reviews(model, tokenizer, word, settings, seed=seed)[0]
+            for word in POLARITY.values()}
