@@ -14,6 +14,8 @@ renamed once every replica's part is written. A CPU/GPU-only copy of the loop ca
 """
 import contextlib
 import fcntl
+import hashlib
+import json
 import math
 import os
 import shutil
@@ -23,10 +25,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 import data
 from data import InputError
 from model import cpu_state_dict, save_pretrained
+
+# What a failed write raises: OSError for most, RuntimeError from torch.save on a full disk
+# ("PytorchStreamWriter failed writing file"), SafetensorError from the safetensors writer.
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 
 class CheckpointError(Exception):
@@ -45,16 +52,22 @@ class Progress:
     best_val_loss: float = math.inf
 
 
-# Arguments that change what a step computes: resuming with others cannot continue the run.
-SHAPE_ARGS = ["pretrained_model_name", "downstream_corpus_name", "train_file", "max_seq_length",
-              "batch_size", "grad_accum_steps", "seed", "world_size"]
-NOT_COMPARED = ["resume", "debug", "cpu_workers", "compile", "cache_dir",
+# On resume, arguments that change what a step computes or the schedule under way are
+# refused: with others the run would not be the one it continues. The corpus is compared by
+# content (its files' SHA-256), so its folder may move.
+FIXED_ON_RESUME = ["pretrained_model_name", "downstream_corpus_name", "train_file",
+                   "max_seq_length", "batch_size", "grad_accum_steps", "seed", "epochs",
+                   "max_steps", "warmup_ratio", "warmup_steps", "world_size", "corpus"]
+# Applied from the resumed step on, in place of the values the optimizer saved.
+APPLIED_ON_RESUME = ["learning_rate", "weight_decay"]
+NOT_COMPARED = ["resume", "debug", "cpu_workers", "compile", "cache_dir", "overwrite_output_dir",
                 "downstream_model_dir", "downstream_corpus_root_dir"]
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "training_state.pt", "rng_state_0.pt")
 
 
 # --------------------------------------------------------------------------- saving
 
-def save_checkpoint(args, backend, progress, model, tokenizer, optimizer, scheduler):
+def save_checkpoint(args, backend, progress, model, tokenizer, optimizer, scheduler, run_facts):
     """Write `checkpoint-<step>/` and keep the newest `--keep_checkpoints` of them.
 
     Every replica writes its own RNG state and learns whether all writes succeeded
@@ -62,12 +75,13 @@ def save_checkpoint(args, backend, progress, model, tokenizer, optimizer, schedu
     in its barrier forever)."""
     out = Path(args.downstream_model_dir)
     backend.sync()
+    check_finite_weights(model, progress.step)
     final, tmp = out / f"checkpoint-{progress.step}", out / f"checkpoint-{progress.step}.tmp"
 
     def write_model_and_state():
         shutil.rmtree(tmp, ignore_errors=True)
         save_pretrained(model, tokenizer, tmp, cpu_state_dict(model))
-        torch.save(training_state(progress, optimizer, scheduler, args, backend.world_size),
+        torch.save(training_state(progress, optimizer, scheduler, args, run_facts),
                    tmp / "training_state.pt")
 
     error = write_or_error(write_model_and_state) if backend.is_master else None
@@ -90,21 +104,30 @@ def save_checkpoint(args, backend, progress, model, tokenizer, optimizer, schedu
     return final
 
 
-def training_state(progress, optimizer, scheduler, args, world_size):
-    """Everything but the weights and the random state that a resumed run needs."""
+def training_state(progress, optimizer, scheduler, args, run_facts):
+    """Everything but the weights and the random state that a resumed run needs.
+    `run_facts`: what the arguments do not say (the number of replicas, the corpus)."""
     return {"progress": asdict(progress),
             "optimizer": to_cpu(optimizer.state_dict()),
             "scheduler": scheduler.state_dict(),
-            "args": {**vars(args), "world_size": world_size}}
+            "args": {**vars(args), **run_facts}}
 
 
 def write_or_error(write):
-    """Run `write()`; return the OSError it raised (a full disk, say), or None."""
+    """Run `write()`; return the error it raised (a full disk, say), or None."""
     try:
         write()
-    except OSError as e:
+    except WRITE_ERRORS as e:
         return e
     return None
+
+
+def check_finite_weights(model, step):
+    """A non-finite loss is caught when it is reported; weights that overflowed without
+    one (an infinite learning rate) are caught here, before anything is written."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise NonFiniteLoss(f"the weights became non-finite at step {step} (is the learning "
+                            f"rate too high?); nothing was saved for this step")
 
 
 def to_cpu(obj):
@@ -123,18 +146,24 @@ def replace_dir(src, dst):
     os.replace(src, dst)
 
 
-def export_best(out, backend, model, tokenizer):
-    """The best model so far, in Hugging Face format, at the top of `out`. Written beside
-    and renamed into place file by file, so a crash leaves the old one."""
+def export_best(out, backend, model, tokenizer, step):
+    """The best model so far, in Hugging Face format, at the top of `out`, so that
+    `from_pretrained(out)` loads it. Written into a folder beside it, then each file renamed
+    into place, `config.json` last: a kill at any moment leaves a model that loads (each
+    rename is whole, and within a run only the weights change), or, during the very first
+    export, no config.json and so no model at all."""
     out = Path(out)
     if backend.is_master:
-        with saving(out / "best", previous=out):
-            tmp = out / ".best.tmp"
+        check_finite_weights(model, step)
+        tmp = out / ".best.tmp"
+        try:
+            with saving(out / "the best model", previous=out):
+                shutil.rmtree(tmp, ignore_errors=True)
+                save_pretrained(model, tokenizer, tmp, cpu_state_dict(model))
+                for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):
+                    os.replace(f, out / f.name)
+        finally:
             shutil.rmtree(tmp, ignore_errors=True)
-            save_pretrained(model, tokenizer, tmp, cpu_state_dict(model))
-            for f in tmp.iterdir():
-                os.replace(f, out / f.name)
-            tmp.rmdir()
     backend.barrier("best-exported")
 
 
@@ -143,7 +172,7 @@ def saving(what, previous):
     """Turn a failed write (a full disk, a read-only folder) into one clear line."""
     try:
         yield
-    except OSError as e:
+    except WRITE_ERRORS as e:
         raise CheckpointError(f"could not write {what} ({data.first_line(e)}); what was "
                               f"already in {previous} is intact. Free some space, then run "
                               f"the same command with --resume latest") from None
@@ -162,16 +191,39 @@ def checkpoints(out):
 
 
 def is_complete(path):
-    return all((path / f).is_file() for f in
-               ("config.json", "model.safetensors", "training_state.pt", "rng_state_0.pt"))
+    return damage(path) is None
+
+
+def damage(path):
+    """Why the checkpoint folder `path` cannot be resumed from, or None when every file
+    loads. A kill or a full disk can leave files that exist but are cut short."""
+    path = Path(path)
+    for name in CHECKPOINT_FILES:
+        if not (path / name).is_file():
+            return f"{name} is missing"
+    try:
+        name = "config.json"
+        json.loads((path / name).read_text(encoding="utf-8"))
+        name = "model.safetensors"
+        with safe_open(path / name, "pt"):  # checks the header against the file's size
+            pass
+        for name in ["training_state.pt"] + sorted(p.name for p in path.glob("rng_state_*.pt")):
+            state = torch.load(path / name, weights_only=True)
+            if not isinstance(state, dict):
+                raise ValueError(f"holds a {type(state).__name__}, not a dict")
+    except Exception as e:  # whatever a damaged file makes its reader raise
+        return f"{name} does not load ({data.first_line(e)})"
+    return None
 
 
 def latest_checkpoint(out, warn=True):
+    """The newest checkpoint that loads; the damaged and unfinished ones are skipped."""
     for path in checkpoints(out):
-        if not path.name.endswith(".tmp") and is_complete(path):
+        problem = "a save was interrupted" if path.name.endswith(".tmp") else damage(path)
+        if problem is None:
             return path
         if warn:
-            print(f"warning: skipping {path}: incomplete (a save was interrupted)", file=sys.stderr)
+            print(f"warning: skipping {path}: {problem}", file=sys.stderr)
     return None
 
 
@@ -192,10 +244,31 @@ def find_resume_checkpoint(resume, out):
                   file=sys.stderr)
         return path
     path = Path(resume).expanduser()
-    if not is_complete(path):
-        raise InputError(f"--resume {resume}: not a complete checkpoint folder (it needs "
-                         f"config.json, model.safetensors, training_state.pt, rng_state_0.pt)")
+    problem = damage(path)
+    if problem:
+        raise InputError(f"--resume {resume}: not a checkpoint that loads: {problem}; use "
+                         f"another checkpoint-<step> folder, or --resume latest")
     return path
+
+
+def check_fresh_start(out, resume, overwrite):
+    """A run that does not resume must not share its folder with an earlier run's
+    checkpoints: --resume latest would then pick whichever has the higher step, and pruning
+    would delete the new run's. Refuse, or with --overwrite_output_dir delete the earlier
+    run: its checkpoints, metrics.jsonl and best model."""
+    old = checkpoints(out)
+    if resume is not None or not old:
+        return
+    if not overwrite:
+        raise InputError(f"--downstream_model_dir {out} holds an earlier run ({old[0].name}); "
+                         f"continue it with --resume latest, pass --overwrite_output_dir to "
+                         f"replace it, or choose another directory")
+    best_model_files = [f.name for f in old[0].iterdir()
+                        if f.is_file() and f.suffix != ".pt"]  # what export_best writes
+    for name in best_model_files + ["metrics.jsonl", ".replicas-see-this"]:
+        (Path(out) / name).unlink(missing_ok=True)
+    for path in old:
+        shutil.rmtree(path)
 
 
 def agreed_checkpoint(backend, resume, out):
@@ -228,11 +301,16 @@ def check_output_shared(backend, out):
                          f"sees (NFS, a Filestore or GCS FUSE mount), at the same path")
 
 
-def check_resume_args(saved, args, world_size):
-    """Refuse to continue with arguments that change the work; warn about the rest."""
-    current = {**vars(args), "world_size": world_size}
+def check_resume_args(saved, args, run_facts, warn=True):
+    """Refuse to continue with arguments that change the work; say what the rest do."""
+    current = {**vars(args), **run_facts}
     changed = [k for k in current if k not in NOT_COMPARED and saved.get(k) != current[k]]
-    fatal = [k for k in changed if k in SHAPE_ARGS]
+    fatal = [k for k in changed if k in FIXED_ON_RESUME]
+    world_size = current["world_size"]
+    if "corpus" in fatal:
+        raise InputError("--resume: the corpus files differ from the ones the checkpoint was "
+                         "trained on (edited, or another --downstream_corpus_root_dir); "
+                         "resume with the same files, or start a new --downstream_model_dir")
     if "world_size" in fatal:
         raise InputError(f"--resume: the checkpoint was trained on {saved.get('world_size')} "
                          f"replicas and this run has {world_size}; resume on as many devices "
@@ -243,20 +321,45 @@ def check_resume_args(saved, args, world_size):
         raise InputError(f"--resume: --{k} is {current[k]!r} but the checkpoint was trained "
                          f"with {saved.get(k)!r}; use the same value or start a new "
                          f"--downstream_model_dir")
-    for k in changed:
-        print(f"warning: --resume: --{k} changed from {saved.get(k)!r} to {current[k]!r}",
-              file=sys.stderr)
+    for k in changed if warn else []:
+        applied = " (applied from the resumed step on)" if k in APPLIED_ON_RESUME else ""
+        print(f"warning: --resume: --{k} changed from {saved.get(k)!r} to {current[k]!r}"
+              f"{applied}", file=sys.stderr)
 
 
-def restore(path, args, backend, optimizer, scheduler):
+def corpus_digest(args):
+    """SHA-256 of the corpus files' bytes: a resumed run must train on what its checkpoint
+    was trained on, wherever the files now are."""
+    digest = hashlib.sha256()
+    for path in data.corpus_files(args.downstream_corpus_root_dir, args.downstream_corpus_name,
+                                  args.train_file, args.val_file):
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def restore(path, args, backend, optimizer, scheduler, run_facts):
     """Load the optimizer, scheduler and this replica's RNG state from `path` (the weights
     were loaded from it with the model); returns the progress to continue from."""
     state = torch.load(path / "training_state.pt", weights_only=True)
-    check_resume_args(state["args"], args, backend.world_size)
+    # Every replica checks (they must all refuse together); the master alone warns.
+    check_resume_args(state["args"], args, run_facts, warn=backend.is_master)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    apply_hyperparameters(optimizer, scheduler, args)
     backend.set_rng_state(torch.load(path / f"rng_state_{backend.rank}.pt", weights_only=True))
     return Progress(**state["progress"])
+
+
+def apply_hyperparameters(optimizer, scheduler, args):
+    """The saved optimizer state carries the old peak learning rate and weight decay:
+    replace them with this run's, so a changed flag means what it says."""
+    scheduler.base_lrs = [args.learning_rate for _ in optimizer.param_groups]
+    for group, lr_lambda in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = args.learning_rate
+        group["lr"] = args.learning_rate * lr_lambda(scheduler.last_epoch)
+    optimizer.param_groups[0]["weight_decay"] = args.weight_decay  # the decayed group
 
 
 # --------------------------------------------------------------------------- the directory lock

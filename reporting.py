@@ -75,13 +75,23 @@ class MetricsLog:
                 with open(self.path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(event, ensure_ascii=False) + "\n")
 
-    def truncate(self, step):
-        """Drop events logged after `step`: a resumed run logs those steps again."""
+    def restart_after(self, step):
+        """Keep the events up to `step` (None: none), where the run continues: a resumed
+        run logs the later steps again, and a run that starts afresh owns the whole log. A
+        line cut short by a kill is dropped too."""
         if not self.is_master or not self.path.exists():
             return
-        lines = self.path.read_text(encoding="utf-8").splitlines()
-        kept = "".join(line + "\n" for line in lines if json.loads(line)["step"] <= step)
-        data.write_atomically(self.path, lambda tmp: tmp.write_text(kept, encoding="utf-8"))
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue  # the last line of a killed run, half written
+            if step is not None and event["step"] <= step:
+                kept.append(line + "\n")
+        with saving(self.path, previous=self.path.parent):
+            data.write_atomically(self.path, lambda tmp: tmp.write_text("".join(kept),
+                                                                         encoding="utf-8"))
 
 
 def print_evaluation(step, result):

@@ -28,7 +28,8 @@ import polarity
 import sched
 from backend import Backend, Interrupted, StopSignal, choose_device, spawn_replicas
 from checkpoint import (CheckpointError, NonFiniteLoss, Progress, agreed_checkpoint,
-                        check_output_shared, exclusive, export_best, restore, save_checkpoint)
+                        check_fresh_start, check_output_shared, corpus_digest, exclusive,
+                        export_best, restore, save_checkpoint)
 from data import InputError
 from model import check_loadable, load_model, load_tokenizer
 from reporting import LossMeter, MetricsLog, print_banner, print_evaluation
@@ -94,6 +95,9 @@ def parse_args(argv=None):
     p.add_argument("--resume", default=None,
                    help="a checkpoint-<step> folder, or 'latest' for the newest complete one "
                         "in --downstream_model_dir")
+    p.add_argument("--overwrite_output_dir", action="store_true",
+                   help="start afresh in a --downstream_model_dir that holds an earlier run, "
+                        "deleting its checkpoints, metrics.jsonl and best model")
     p.add_argument("--cache_dir", default=str(data.default_cache_dir()),
                    help="where tokenized corpora are cached")
     p.add_argument("--train_file", default=None,
@@ -108,22 +112,23 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    """Reject values that cannot work, naming the flag; resolve paths once."""
+    """Reject values that cannot work, naming the flag; resolve paths once. Written as
+    `low <= value` so that NaN, which fails every comparison, is refused too."""
     positive = ["max_seq_length", "batch_size", "epochs", "grad_accum_steps", "log_every"]
     optional = ["max_steps", "eval_every", "save_every_steps", "keep_checkpoints"]
     for name in positive + [n for n in optional if getattr(args, n) is not None]:
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name} must be 1 or more, got {getattr(args, name)}")
-    if args.learning_rate <= 0:
-        raise InputError(f"--learning_rate must be positive, got {args.learning_rate}")
-    if not 0 <= args.warmup_ratio <= 1:
-        raise InputError(f"--warmup_ratio must be between 0 and 1, got {args.warmup_ratio}")
-    if args.warmup_steps is not None and args.warmup_steps < 0:
-        raise InputError(f"--warmup_steps must be 0 or more, got {args.warmup_steps}")
-    if args.cpu_workers < 0:
-        raise InputError(f"--cpu_workers must be 0 or more, got {args.cpu_workers}")
-    if args.polarity_eval_size < 0:
-        raise InputError(f"--polarity_eval_size must be 0 or more, got {args.polarity_eval_size}")
+        require(getattr(args, name) >= 1, name, getattr(args, name), "1 or more")
+    require(0 < args.learning_rate < math.inf, "learning_rate", args.learning_rate, "positive")
+    require(args.max_grad_norm > 0, "max_grad_norm", args.max_grad_norm,
+            "positive (inf: no clipping); 0 would stop learning, a negative one ascend")
+    require(0 <= args.weight_decay < math.inf, "weight_decay", args.weight_decay, "0 or more")
+    require(0 <= args.warmup_ratio <= 1, "warmup_ratio", args.warmup_ratio, "between 0 and 1")
+    require(args.warmup_steps is None or args.warmup_steps >= 0, "warmup_steps",
+            args.warmup_steps, "0 or more")
+    require(args.cpu_workers >= 0, "cpu_workers", args.cpu_workers, "0 or more")
+    require(args.polarity_eval_size >= 0, "polarity_eval_size", args.polarity_eval_size,
+            "0 or more")
+    require(0 <= args.seed < 2**32, "seed", args.seed, "between 0 and 2**32 - 1")
     if args.tpu_cores == 0 and args.device == "xla":
         raise InputError("--tpu_cores 0 contradicts --device xla; drop one of them")
     # A local model is recorded by absolute path, so a resumed run from another
@@ -131,6 +136,11 @@ def check_args(args):
     if Path(args.pretrained_model_name).expanduser().is_dir():
         args.pretrained_model_name = str(Path(args.pretrained_model_name).expanduser().resolve())
     args.downstream_model_dir = str(Path(args.downstream_model_dir).expanduser())
+
+
+def require(ok, flag, value, what):
+    if not ok:
+        raise InputError(f"--{flag} must be {what}, got {value}")
 
 
 # --------------------------------------------------------------------------- the loss
@@ -280,10 +290,11 @@ def train(backend, args):
     # --compile: the loss with the model, so that the compiler fuses the output layer, the
     # step's largest matrix product, with the cross-entropy that consumes it.
     loss_fn = backend.compile(token_loss_sum) if args.compile else token_loss_sum
-    progress = restore(checkpoint, args, backend, optimizer, scheduler) if checkpoint else Progress()
+    facts = {"world_size": backend.world_size, "corpus": corpus_digest(args)}
+    progress = (restore(checkpoint, args, backend, optimizer, scheduler, facts) if checkpoint
+                else Progress())
     log = MetricsLog(out / "metrics.jsonl", backend.is_master, steps_per_epoch)
-    if checkpoint:
-        log.truncate(progress.step)  # the steps after the checkpoint are logged again
+    log.restart_after(progress.step if checkpoint else None)
     if backend.is_master:
         print_banner(args, backend, train_features, val_features, steps_per_epoch,
                      total_steps, warmup, checkpoint, progress)
@@ -297,7 +308,7 @@ def train(backend, args):
             print_evaluation(progress.step, result)
         if export and result["val_loss"] < progress.best_val_loss:
             progress.best_val_loss = result["val_loss"]
-            export_best(out, backend, model, tokenizer)
+            export_best(out, backend, model, tokenizer, progress.step)
 
     if progress.step == 0:
         evaluate_and_keep_best(export=False)  # the starting point, for comparison
@@ -307,7 +318,7 @@ def train(backend, args):
         while progress.step < total_steps:
             train_batches.start_epoch(progress.epoch, skip_batches=progress.batches_done)
             for window in data.windows(backend.feed(train_loader), args.grad_accum_steps):
-                lr = scheduler.get_last_lr()[0]  # the rate this step uses
+                lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
                 loss_sum, tokens = train_step(model, optimizer, scheduler, window, backend,
                                               progress.step, args.max_grad_norm, loss_fn)
                 meter.add(loss_sum, tokens)
@@ -334,7 +345,7 @@ def train(backend, args):
                 if epoch_done or last or stopping or due(progress.step, args.save_every_steps):
                     meter.check_finite()
                     save_checkpoint(args, backend, progress, model, tokenizer, optimizer,
-                                    scheduler)
+                                    scheduler, facts)
                 meter.started += time.perf_counter() - paused  # tokens/s: training time only
                 if stopping:
                     raise interrupted(out, progress.step, StopSignal.signum)
@@ -360,6 +371,7 @@ def interrupted(out, step, signum):
 def prepare(args):
     """Work done once, before any replica starts: check the model name, find or download
     the corpus, tokenize it into the cache. Replicas then only read the cache."""
+    check_fresh_start(args.downstream_model_dir, args.resume, args.overwrite_output_dir)
     check_loadable(args.pretrained_model_name, "--pretrained_model_name", args.max_seq_length)
     load_corpus(args, load_tokenizer(args.pretrained_model_name))
 

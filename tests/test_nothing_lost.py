@@ -1,0 +1,288 @@
+"""Nothing lost, round two: kills that leave half a line or half a file behind, damaged
+checkpoints, full disks at every write, a best model that always loads, no non-finite
+weights saved, every flag checked, and changed arguments on resume that mean what they say."""
+import errno
+import json
+import math
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors import SafetensorError
+from transformers import GPT2LMHeadModel
+
+import backend
+import checkpoint
+import train
+from conftest import read_metrics
+from model import load_model, load_tokenizer
+
+SAVED = ["--max_steps", "6", "--save_every_steps", "2", "--keep_checkpoints", "3"]
+
+
+def error_line(capsys):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_model, tmp_path_factory):
+    """A finished 6-step CPU run with checkpoints at steps 2, 4 and 6; tests copy it."""
+    import fixtures
+    root = tmp_path_factory.mktemp("finished")
+    corpus = fixtures.write_corpus(root / "corpus")
+    args = ["--pretrained_model_name", str(tiny_model), "--downstream_corpus_root_dir",
+            str(corpus), "--downstream_model_dir", str(root / "out"), "--cache_dir",
+            str(root / "cache"), "--batch_size", "16", "--learning_rate", "1e-3",
+            "--log_every", "1", "--device", "cpu", *SAVED]
+    assert train.main(args) == 0
+    return root, args
+
+
+@pytest.fixture
+def run(finished, tmp_path):
+    """A copy of the finished run, and its arguments pointing at the copy."""
+    root, args = finished
+    shutil.copytree(root, tmp_path / "run")
+    return tmp_path / "run" / "out", [a.replace(str(root), str(tmp_path / "run")) for a in args]
+
+
+# --------------------------------------------------------------------------- resume after any kill
+
+def test_a_half_written_last_line_of_metrics_does_not_stop_a_resume(run, capsys):
+    out, args = run
+    with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"event": "train", "lo')                       # what a kill -9 leaves
+    shutil.rmtree(out / "checkpoint-6")
+    assert train.main(args + ["--resume", "latest"]) == 0
+    steps = [e["step"] for e in read_metrics(out, "train")]
+    assert steps == [1, 2, 3, 4, 5, 6]                           # parsed, no step twice
+
+
+def test_a_fresh_run_owns_its_log(run, capsys):
+    """A run killed before its first checkpoint leaves events; the next run starts over."""
+    out, args = run
+    for path in out.glob("checkpoint-*"):
+        shutil.rmtree(path)
+    with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"event": "train", "step": 99, "lo')
+    assert train.main([*args, "--resume", "latest"]) == 0      # no checkpoint: from the start
+    events = read_metrics(out)
+    assert events[0]["event"] == "eval" and events[0]["step"] == 0
+    assert [e["step"] for e in events if e["event"] == "train"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_fresh_run_over_an_earlier_run_is_refused_unless_asked_to_replace_it(run, capsys):
+    out, args = run
+    assert train.main(args + ["--max_steps", "2"]) == 1
+    assert error_line(capsys) == (
+        f"error: --downstream_model_dir {out} holds an earlier run (checkpoint-6); continue "
+        f"it with --resume latest, pass --overwrite_output_dir to replace it, or choose "
+        f"another directory")
+    assert checkpoint.latest_checkpoint(out).name == "checkpoint-6"   # nothing touched
+
+    new = args + ["--max_steps", "4", "--save_every_steps", "2", "--overwrite_output_dir"]
+    assert train.main(new) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert [e["step"] for e in read_metrics(out, "eval")] == [0, 4]
+    assert GPT2LMHeadModel.from_pretrained(out) is not None
+
+
+# --------------------------------------------------------------------------- damaged checkpoints
+
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+DAMAGE = {
+    "model.safetensors cut short": ("model.safetensors", truncate),
+    "training_state.pt garbage": ("training_state.pt", lambda p: p.write_bytes(b"garbage")),
+    "training_state.pt cut short": ("training_state.pt", truncate),
+    "training_state.pt empty": ("training_state.pt", lambda p: p.write_bytes(b"")),
+    "rng_state_0.pt garbage": ("rng_state_0.pt", lambda p: p.write_bytes(b"\x80\x04junk")),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE, ids=list(DAMAGE))
+def test_resume_latest_falls_back_to_the_newest_checkpoint_that_loads(run, capsys, damage):
+    out, args = run
+    name, spoil = DAMAGE[damage]
+    spoil(out / "checkpoint-6" / name)
+    assert train.main(args + ["--resume", f"{out / 'checkpoint-6'}"]) == 1
+    line = error_line(capsys)
+    assert line.startswith(f"error: --resume {out / 'checkpoint-6'}: not a checkpoint that "
+                           f"loads: {name} does not load (")
+
+    assert train.main(args + ["--resume", "latest"]) == 0
+    captured = capsys.readouterr()
+    assert f"warning: skipping {out / 'checkpoint-6'}: {name} does not load" in captured.err
+    assert "(step 4, epoch 1)" in captured.out
+    assert checkpoint.is_complete(out / "checkpoint-6")          # written again, whole
+
+
+# --------------------------------------------------------------------------- full disks
+
+def test_a_full_disk_while_saving_training_state_keeps_the_previous_checkpoint(
+        run, capsys, monkeypatch):
+    """torch.save raises RuntimeError, not OSError, when the disk fills up."""
+    out, args = run
+    shutil.rmtree(out / "checkpoint-6")
+    real_save = torch.save
+
+    def full_disk(obj, path, *a, **k):
+        if str(path).endswith("training_state.pt"):
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos "
+                               "1024 vs 512: PytorchStreamWriter failed writing file data/0")
+        return real_save(obj, path, *a, **k)
+    monkeypatch.setattr(torch, "save", full_disk)
+    assert train.main(args + ["--resume", "latest"]) == 1
+    line = error_line(capsys)
+    assert line.startswith(f"error: could not write {out / 'checkpoint-6'} (")
+    assert f"{out / 'checkpoint-4'} is intact" in line
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_a_full_disk_while_exporting_the_best_model_keeps_the_previous_one(
+        run, capsys, monkeypatch):
+    out, args = run
+    shutil.rmtree(out / "checkpoint-6")
+    before = (out / "model.safetensors").read_bytes()
+
+    def full_disk(*a, **k):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: "
+                              "StorageFull, message: \"No space left on device\" })")
+    monkeypatch.setattr(checkpoint, "save_pretrained", full_disk)
+    assert train.main(args + ["--resume", "latest"]) == 1
+    line = error_line(capsys)
+    assert line.startswith(f"error: could not write {out / 'the best model'} (Error while "
+                           f"serializing") and f"what was already in {out} is intact" in line
+    assert (out / "model.safetensors").read_bytes() == before
+    assert not (out / ".best.tmp").exists()
+
+
+def test_a_full_disk_while_trimming_metrics_on_resume_is_one_line(run, capsys, monkeypatch):
+    out, args = run
+    before = (out / "metrics.jsonl").read_text()
+    import data
+
+    def full_disk(path, write):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(data, "write_atomically", full_disk)
+    assert train.main(args + ["--resume", str(out / "checkpoint-4")]) == 1
+    line = error_line(capsys)
+    assert line.startswith(f"error: could not write {out / 'metrics.jsonl'} (")
+    assert "No space left on device" in line
+    assert (out / "metrics.jsonl").read_text() == before
+
+
+# --------------------------------------------------------------------------- the best model
+
+@pytest.mark.parametrize("first_export", [True, False])
+def test_the_best_model_loads_after_a_kill_at_any_moment_of_its_export(
+        tiny_model, tmp_path, monkeypatch, first_export):
+    tokenizer = load_tokenizer(str(tiny_model))
+    model = load_model(str(tiny_model), tokenizer)
+    cpu = backend.Backend("cpu", "fp32")
+    files = None
+    for renames_done in range(12):
+        out = tmp_path / f"out{renames_done}"
+        out.mkdir()
+        if not first_export:
+            checkpoint.export_best(out, cpu, model, tokenizer, step=1)
+        real_replace, calls = os.replace, []
+
+        def dying_replace(src, dst):
+            if len(calls) == renames_done:
+                raise KeyboardInterrupt  # the kill, between two renames
+            calls.append(dst)
+            return real_replace(src, dst)
+        monkeypatch.setattr(os, "replace", dying_replace)
+        try:
+            checkpoint.export_best(out, cpu, model, tokenizer, step=2)
+            files = files or len(calls)
+        except KeyboardInterrupt:
+            pass
+        monkeypatch.setattr(os, "replace", real_replace)
+        if (out / "config.json").exists():
+            assert GPT2LMHeadModel.from_pretrained(out) is not None
+        else:
+            assert first_export
+    assert files and files < 12  # every moment of the export was tried
+
+
+# --------------------------------------------------------------------------- non-finite weights
+
+def test_weights_that_overflow_are_never_written(train_args, tmp_path, capsys):
+    """The first step's loss is finite; the weights it leaves are not."""
+    args = train_args + ["--learning_rate", "1e300", "--save_every_steps", "1", "--epochs", "1"]
+    assert train.main(args) == 1
+    assert error_line(capsys) == ("error: the weights became non-finite at step 1 (is the "
+                                  "learning rate too high?); nothing was saved for this step")
+    assert not list((tmp_path / "out").glob("checkpoint-*"))
+
+
+# --------------------------------------------------------------------------- every flag
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--learning_rate", "nan", "--learning_rate must be positive, got nan"),
+    ("--learning_rate", "inf", "--learning_rate must be positive, got inf"),
+    ("--learning_rate", "0", "--learning_rate must be positive, got 0.0"),
+    ("--max_grad_norm", "-1", "--max_grad_norm must be positive (inf: no clipping); 0 would "
+                              "stop learning, a negative one ascend, got -1.0"),
+    ("--max_grad_norm", "0", "--max_grad_norm must be positive (inf: no clipping); 0 would "
+                             "stop learning, a negative one ascend, got 0.0"),
+    ("--max_grad_norm", "nan", "--max_grad_norm must be positive (inf: no clipping); 0 would "
+                               "stop learning, a negative one ascend, got nan"),
+    ("--weight_decay", "-0.1", "--weight_decay must be 0 or more, got -0.1"),
+    ("--weight_decay", "nan", "--weight_decay must be 0 or more, got nan"),
+    ("--warmup_ratio", "nan", "--warmup_ratio must be between 0 and 1, got nan"),
+    ("--seed", "-1", "--seed must be between 0 and 2**32 - 1, got -1"),
+    ("--seed", str(2**32), f"--seed must be between 0 and 2**32 - 1, got {2**32}"),
+])
+def test_every_flag_is_checked(train_args, capsys, flag, value, expected):
+    assert train.main(train_args + [flag, value]) == 1
+    assert error_line(capsys) == f"error: {expected}"
+
+
+# --------------------------------------------------------------------------- changed arguments
+
+def test_a_changed_learning_rate_on_resume_is_applied(run, capsys):
+    out, args = run
+    shutil.rmtree(out / "checkpoint-6")
+    old = {e["step"]: e["lr"] for e in read_metrics(out, "train")}
+    assert train.main(args + ["--resume", "latest", "--learning_rate", "3e-3"]) == 0
+    assert ("warning: --resume: --learning_rate changed from 0.001 to 0.003 (applied from the "
+            "resumed step on)") in capsys.readouterr().err
+    new = {e["step"]: e["lr"] for e in read_metrics(out, "train")}
+    assert all(new[s] == old[s] for s in (1, 2, 3, 4))
+    assert all(math.isclose(new[s], 3 * old[s]) for s in (5, 6))
+
+
+@pytest.mark.parametrize("changed", [["--epochs", "5"], ["--max_steps", "8"],
+                                     ["--warmup_steps", "3"]])
+def test_changing_the_schedule_on_resume_is_refused(run, capsys, changed):
+    out, args = run
+    assert train.main(args + ["--resume", "latest", *changed]) == 1
+    flag = changed[0]
+    assert error_line(capsys).startswith(f"error: --resume: {flag} is ")
+
+
+def test_a_corpus_edited_in_place_is_refused_on_resume(run, capsys):
+    out, args = run
+    train_file = out.parent / "corpus" / "nsmc" / "ratings_train.txt"
+    lines = train_file.read_text(encoding="utf-8").splitlines(keepends=True)
+    train_file.write_text("".join(lines[:-1]), encoding="utf-8")    # one review fewer
+    assert train.main(args + ["--resume", "latest"]) == 1
+    assert error_line(capsys) == (
+        "error: --resume: the corpus files differ from the ones the checkpoint was trained "
+        "on (edited, or another --downstream_corpus_root_dir); resume with the same files, or "
+        "start a new --downstream_model_dir")
+
+
+def test_metrics_lines_stay_json(run):
+    out, _ = run
+    for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+        json.loads(line)
