@@ -48,7 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--top_p", type=float, default=SAMPLING["top_p"],
                    help="... and among the fewest whose probabilities add up to p")
     p.add_argument("--temperature", type=float, default=SAMPLING["temperature"],
-                   help="below 1: safer, more repetitive text; above 1: wilder")
+                   help="below 1: safer, more repetitive text; above 1: wilder; 0: greedy "
+                        "decoding, the likeliest token each time (one review per polarity, "
+                        "whatever --num_samples; --top_k, --top_p and --seed play no part)")
     p.add_argument("--repetition_penalty", type=float, default=SAMPLING["repetition_penalty"],
                    help="divides the odds of tokens already written (1: off)")
     p.add_argument("--no_repeat_ngram_size", type=int, default=SAMPLING["no_repeat_ngram_size"],
