@@ -65,3 +65,59 @@ def test_temperature_0_is_greedy_decoding(tiny_model, model_args, capsys, caplog
     # Nor does transformers warn (or log) that temperature, top_k or top_p go unused.
     assert [str(w.message) for w in caught] == []
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+# --------------------------------------------------------------------------- values out of range
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--temperature", "-0.5"], "--temperature must be a finite number, 0 or more "
+                                "(0: greedy decoding), got -0.5"),
+    (["--temperature", "nan"], "--temperature must be a finite number, 0 or more "
+                               "(0: greedy decoding), got nan"),
+    (["--temperature", "inf"], "--temperature must be a finite number, 0 or more "
+                               "(0: greedy decoding), got inf"),
+    (["--top_p", "0"], "--top_p must be above 0 and at most 1 (1: off), got 0.0"),
+    (["--top_p", "1.5"], "--top_p must be above 0 and at most 1 (1: off), got 1.5"),
+    (["--top_p", "nan"], "--top_p must be above 0 and at most 1 (1: off), got nan"),
+    (["--top_k", "-1"], "--top_k must be 0 or more (0: off), got -1"),
+    (["--repetition_penalty", "0"], "--repetition_penalty must be a finite number above 0 "
+                                    "(1: off), got 0.0"),
+    (["--repetition_penalty", "-1"], "--repetition_penalty must be a finite number above 0 "
+                                     "(1: off), got -1.0"),
+    (["--repetition_penalty", "nan"], "--repetition_penalty must be a finite number above 0 "
+                                      "(1: off), got nan"),
+    (["--repetition_penalty", "inf"], "--repetition_penalty must be a finite number above 0 "
+                                      "(1: off), got inf"),
+    (["--no_repeat_ngram_size", "-1"], "--no_repeat_ngram_size must be 0 or more (0: off), "
+                                       "got -1"),
+    (["--num_samples", "0"], "--num_samples must be 1 or more, got 0"),
+    (["--max_new_tokens", "0"], "--max_new_tokens must be 1 or more, got 0"),
+    (["--seed", str(2**64)], f"--seed must be from -2**63 to 2**64 - 1 (64 bits), got {2**64}"),
+    (["--seed", str(-2**63 - 1)], f"--seed must be from -2**63 to 2**64 - 1 (64 bits), "
+                                  f"got {-2**63 - 1}"),
+])
+def test_a_sampling_flag_out_of_range_is_one_line(model_args, capsys, flags, expected):
+    assert error_line(model_args + ["--num_samples", "1", "--max_new_tokens", "4", *flags],
+                      capsys) == f"error: {expected}"
+
+
+def test_the_edges_of_each_range_are_allowed(model_args, capsys):
+    """The smallest or largest value each flag accepts: the sampling filters off, a penalty
+    that favours repetition, the extreme seeds."""
+    argv = model_args + ["--polarity", "긍정", "--num_samples", "1", "--max_new_tokens", "4",
+                         "--top_p", "1", "--top_k", "0", "--no_repeat_ngram_size", "0",
+                         "--repetition_penalty", "0.5"]
+    for seed in [str(-2**63), str(2**64 - 1)]:
+        status, out, _ = run(argv + ["--seed", seed], capsys)
+        assert status == 0 and out.count("\n") == 1
+
+
+def test_a_real_run_prints_the_one_line_and_exits_with_1(tiny_model):
+    """As a process: exit status 1 and the error as the last line of stderr, no traceback."""
+    result = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--downstream_model_dir",
+                             str(tiny_model), "--temperature", "nan"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 1 and result.stdout == "" and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == ("error: --temperature must be a finite number, "
+                                              "0 or more (0: greedy decoding), got nan")
