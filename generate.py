@@ -24,7 +24,7 @@ import data
 from backend import Backend
 from data import POLARITY, InputError
 from model import load_model, load_tokenizer
-from polarity import SAMPLING, polarity_accuracy, write_reviews
+from polarity import SAMPLING, polarity_accuracy, prompt_ids, write_reviews
 
 
 # --------------------------------------------------------------------------- main
@@ -43,7 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--prompt", default="", help="the start of every review, to be continued")
     p.add_argument("--num_samples", type=int, default=5, help="reviews per polarity")
     p.add_argument("--max_new_tokens", type=int, default=SAMPLING["max_new_tokens"],
-                   help="a review stops at </s> or after this many tokens")
+                   help="a review stops at </s> or after this many tokens; with the "
+                        "polarity word and --prompt it must fit the model's positions "
+                        "(KoGPT2 has 1024)")
     p.add_argument("--top_k", type=int, default=SAMPLING["top_k"],
                    help="sample among the k likeliest tokens (0: all)")
     p.add_argument("--top_p", type=float, default=SAMPLING["top_p"],
@@ -118,6 +120,34 @@ def check_args(args):
             raise InputError(f"--{name} must be {what}, got {getattr(args, name)}")
 
 
+def check_review_fits(args, model, tokenizer):
+    """Refuse a --prompt or --max_new_tokens that runs past the model's positions: GPT-2
+    learns an embedding for each of its n_positions positions and has none beyond, so
+    `generate` would fail there deep in torch (an IndexError, on a GPU a device assert)."""
+    positions = (getattr(model.config, "n_positions", None)
+                 or getattr(model.config, "max_position_embeddings", None))
+    if not positions:
+        return
+    words = polarity_words(args.polarity)
+    prompt = max(prompt_ids(tokenizer, word, args.prompt).shape[1] for word in words)
+    if prompt >= positions:
+        with_word = " with the polarity word" if any(words) else ""
+        raise InputError(f"--prompt is {tokens(prompt)}{with_word}, too long for the model's "
+                         f"{positions} positions; shorten it by at least "
+                         f"{tokens(prompt - positions + 1)} to leave room for the review")
+    if prompt + args.max_new_tokens > positions:
+        given = [part for part, present in [("the polarity word", any(words)),
+                                            ("--prompt", args.prompt.strip())] if present]
+        raise InputError(f"--max_new_tokens {args.max_new_tokens} does not fit the model's "
+                         f"{positions} positions after the {tokens(prompt)} of "
+                         f"{' and '.join(given)}; use --max_new_tokens {positions - prompt} "
+                         f"or less")
+
+
+def tokens(n):
+    return f"{n} token" if n == 1 else f"{n} tokens"
+
+
 def choose_device(name):
     if name == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
@@ -164,6 +194,7 @@ def main(argv=None):
         if args.evaluate:
             print_polarity_accuracy(args, model, tokenizer)
         else:
+            check_review_fits(args, model, tokenizer)
             print_reviews(args, model, tokenizer)
     except InputError as e:
         if args.debug:

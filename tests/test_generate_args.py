@@ -121,3 +121,53 @@ def test_a_real_run_prints_the_one_line_and_exits_with_1(tiny_model):
     assert result.returncode == 1 and result.stdout == "" and "Traceback" not in result.stderr
     assert result.stderr.splitlines()[-1] == ("error: --temperature must be a finite number, "
                                               "0 or more (0: greedy decoding), got nan")
+
+
+# --------------------------------------------------------------------------- the model's positions
+
+POSITIONS = 128  # the tiny model's n_positions
+
+
+def prompt_length(tiny_model, words, prompt=""):
+    """Tokens given to the model before the review: the longest polarity word and prompt."""
+    tokenizer = load_tokenizer(str(tiny_model))
+    return max(polarity.prompt_ids(tokenizer, word, prompt).shape[1] for word in words)
+
+
+@pytest.mark.parametrize("flags, words, prompt, n, expected", [
+    ([], ["긍정", "부정"], "", 1,
+     "error: --max_new_tokens 128 does not fit the model's 128 positions after the 1 token of "
+     "the polarity word; use --max_new_tokens 127 or less"),
+    (["--polarity", "부정", "--prompt", "배우 연기"], ["부정"], "배우 연기", 3,
+     "error: --max_new_tokens 126 does not fit the model's 128 positions after the 3 tokens of "
+     "the polarity word and --prompt; use --max_new_tokens 125 or less"),
+    (["--polarity", "none", "--prompt", "배우 연기"], [""], "배우 연기", 2,
+     "error: --max_new_tokens 127 does not fit the model's 128 positions after the 2 tokens of "
+     "--prompt; use --max_new_tokens 126 or less"),
+])
+def test_max_new_tokens_past_the_positions_is_one_line(tiny_model, model_args, capsys, flags,
+                                                       words, prompt, n, expected):
+    assert prompt_length(tiny_model, words, prompt) == n  # as the fixture's tokenizer splits
+    fits = POSITIONS - n
+    argv = model_args + ["--num_samples", "1", *flags, "--max_new_tokens"]
+    assert error_line(argv + [str(fits + 1)], capsys) == expected
+    # The largest value that fits does: prompt and review fill the positions exactly.
+    status, out, _ = run(argv + [str(fits)], capsys)
+    assert status == 0 and out.count("\n") == len(words)
+
+
+@pytest.mark.parametrize("flags, repeats, expected", [
+    (["--polarity", "긍정"], 200,
+     "error: --prompt is 201 tokens with the polarity word, too long for the model's 128 "
+     "positions; shorten it by at least 74 tokens to leave room for the review"),
+    (["--polarity", "none"], 200,
+     "error: --prompt is 200 tokens, too long for the model's 128 positions; shorten it by at "
+     "least 73 tokens to leave room for the review"),
+    (["--polarity", "none"], 128,  # as many tokens as positions: no room for a review
+     "error: --prompt is 128 tokens, too long for the model's 128 positions; shorten it by at "
+     "least 1 token to leave room for the review"),
+])
+def test_a_prompt_past_the_positions_is_one_line(model_args, capsys, flags, repeats, expected):
+    prompt = " ".join(["영화"] * repeats)  # one token each
+    argv = model_args + [*flags, "--prompt", prompt, "--max_new_tokens", "1"]
+    assert error_line(argv, capsys) == expected
