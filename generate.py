@@ -15,6 +15,7 @@ when log p(review</s> | 긍정) > log p(review</s> | 부정), scoring the review
 `</s>`, never the polarity word itself.
 """
 import argparse
+import math
 import sys
 
 import torch
@@ -23,7 +24,7 @@ import data
 from backend import Backend
 from data import POLARITY, InputError
 from model import load_model, load_tokenizer
-from polarity import SAMPLING, polarity_accuracy, write_reviews
+from polarity import SAMPLING, polarity_accuracy, prompt_ids, write_reviews
 
 
 # --------------------------------------------------------------------------- main
@@ -42,15 +43,20 @@ def parse_args(argv=None):
     p.add_argument("--prompt", default="", help="the start of every review, to be continued")
     p.add_argument("--num_samples", type=int, default=5, help="reviews per polarity")
     p.add_argument("--max_new_tokens", type=int, default=SAMPLING["max_new_tokens"],
-                   help="a review stops at </s> or after this many tokens")
+                   help="a review stops at </s> or after this many tokens; with the "
+                        "polarity word and --prompt it must fit the model's positions "
+                        "(KoGPT2 has 1024)")
     p.add_argument("--top_k", type=int, default=SAMPLING["top_k"],
                    help="sample among the k likeliest tokens (0: all)")
     p.add_argument("--top_p", type=float, default=SAMPLING["top_p"],
-                   help="... and among the fewest whose probabilities add up to p")
+                   help="... and among the fewest whose probabilities add up to p (1: off)")
     p.add_argument("--temperature", type=float, default=SAMPLING["temperature"],
-                   help="below 1: safer, more repetitive text; above 1: wilder")
+                   help="below 1: safer, more repetitive text; above 1: wilder; 0: greedy "
+                        "decoding, the likeliest token each time (one review per polarity, "
+                        "whatever --num_samples; --top_k, --top_p and --seed play no part)")
     p.add_argument("--repetition_penalty", type=float, default=SAMPLING["repetition_penalty"],
-                   help="divides the odds of tokens already written (1: off)")
+                   help="divides the odds of tokens already written (1: off; below 1: "
+                        "favours them)")
     p.add_argument("--no_repeat_ngram_size", type=int, default=SAMPLING["no_repeat_ngram_size"],
                    help="never repeat a run of this many tokens (0: off)")
     p.add_argument("--seed", type=int, default=7, help="the same seed writes the same reviews")
@@ -97,6 +103,49 @@ def check_args(args):
             raise InputError(f"--{name} must be 1 or more, got {getattr(args, name)}")
     if args.polarity_eval_size is not None and args.polarity_eval_size < 1:
         raise InputError(f"--polarity_eval_size must be 1 or more, got {args.polarity_eval_size}")
+    # Each test says what is allowed, so that NaN fails it too: every comparison with NaN
+    # is False, so a test of what is forbidden, such as `temperature < 0`, lets NaN through.
+    sampling = [
+        ("temperature", math.isfinite(args.temperature) and args.temperature >= 0,
+         "a finite number, 0 or more (0: greedy decoding)"),
+        ("top_p", 0 < args.top_p <= 1, "above 0 and at most 1 (1: off)"),
+        ("top_k", args.top_k >= 0, "0 or more (0: off)"),
+        ("repetition_penalty", math.isfinite(args.repetition_penalty)
+         and args.repetition_penalty > 0, "a finite number above 0 (1: off)"),
+        ("no_repeat_ngram_size", args.no_repeat_ngram_size >= 0, "0 or more (0: off)"),
+        ("seed", -2**63 <= args.seed < 2**64, "from -2**63 to 2**64 - 1 (64 bits)"),
+    ]
+    for name, allowed, what in sampling:
+        if not allowed:
+            raise InputError(f"--{name} must be {what}, got {getattr(args, name)}")
+
+
+def check_review_fits(args, model, tokenizer):
+    """Refuse a --prompt or --max_new_tokens that runs past the model's positions: GPT-2
+    learns an embedding for each of its n_positions positions and has none beyond, so
+    `generate` would fail there deep in torch (an IndexError, on a GPU a device assert)."""
+    positions = (getattr(model.config, "n_positions", None)
+                 or getattr(model.config, "max_position_embeddings", None))
+    if not positions:
+        return
+    words = polarity_words(args.polarity)
+    prompt = max(prompt_ids(tokenizer, word, args.prompt).shape[1] for word in words)
+    if prompt >= positions:
+        with_word = " with the polarity word" if any(words) else ""
+        raise InputError(f"--prompt is {tokens(prompt)}{with_word}, too long for the model's "
+                         f"{positions} positions; shorten it by at least "
+                         f"{tokens(prompt - positions + 1)} to leave room for the review")
+    if prompt + args.max_new_tokens > positions:
+        given = [part for part, present in [("the polarity word", any(words)),
+                                            ("--prompt", args.prompt.strip())] if present]
+        raise InputError(f"--max_new_tokens {args.max_new_tokens} does not fit the model's "
+                         f"{positions} positions after the {tokens(prompt)} of "
+                         f"{' and '.join(given)}; use --max_new_tokens {positions - prompt} "
+                         f"or less")
+
+
+def tokens(n):
+    return f"{n} token" if n == 1 else f"{n} tokens"
 
 
 def choose_device(name):
@@ -145,6 +194,7 @@ def main(argv=None):
         if args.evaluate:
             print_polarity_accuracy(args, model, tokenizer)
         else:
+            check_review_fits(args, model, tokenizer)
             print_reviews(args, model, tokenizer)
     except InputError as e:
         if args.debug:

@@ -33,14 +33,23 @@ def write_reviews(model, tokenizer, polarity, settings, prompt="", num_samples=1
     without labels) that continue `prompt`, from one batched `generate` call, each decoded
     without the polarity word. `settings` are `generate`'s sampling arguments (SAMPLING).
 
+    Temperature 0 is greedy decoding, the likeliest token each time: it has no randomness,
+    so it writes one review whatever `num_samples`, and temperature, top_k and top_p have
+    nothing to act on (they are left out: transformers refuses or warns about them).
+
     The same seed gives the same reviews, and the caller's random state is left as it
     was, so that training goes on exactly as if no samples had been drawn."""
+    greedy = settings.get("temperature") == 0
+    if greedy:
+        settings = {name: value for name, value in settings.items()
+                    if name not in ("temperature", "top_k", "top_p")}
+        num_samples = 1
     input_ids = prompt_ids(tokenizer, polarity, prompt).to(model.device)
     cuda = [model.device] if model.device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
         output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                do_sample=True, num_return_sequences=num_samples,
+                                do_sample=not greedy, num_return_sequences=num_samples,
                                 eos_token_id=tokenizer.eos_token_id,
                                 pad_token_id=tokenizer.pad_token_id, **settings)
     # Whitespace splits the polarity word from the prompt, so it is the same tokens alone.
