@@ -107,6 +107,15 @@ class Backend:
         """True when `flag` is true on any replica (a host read on XLA: call it rarely)."""
         return flag
 
+    def stoppable(self, batches):
+        """`batches`, cut short by StopRequested once Ctrl-C or SIGTERM arrives: an
+        evaluation of 50,000 reviews on a CPU takes minutes, too long to keep a signal
+        waiting. (Reading a Python flag costs nothing, so every batch checks.)"""
+        for batch in batches:
+            if StopSignal.signum is not None:
+                raise StopRequested
+            yield batch
+
     def on_host(self, fn, *args):
         """Run `fn(*args)` where it may read tensors: now here, after the step on XLA."""
         fn(*args)
@@ -187,6 +196,12 @@ class XlaBackend(Backend):
         flag = torch.tensor(float(flag), device=self.device)
         return self.xm.all_reduce(self.xm.REDUCE_MAX, flag).item() > 0
 
+    def stoppable(self, batches):
+        # Replicas must stop an evaluation together, inside its collectives, and agreeing
+        # costs a device read: they finish it and stop at the next report step. Evaluation
+        # is short on a TPU anyway, where it is shared among the cores.
+        return super().stoppable(batches) if self.world_size == 1 else batches
+
     def on_host(self, fn, *args):
         self.xm.add_step_closure(fn, args)
 
@@ -235,11 +250,23 @@ class Interrupted(Exception):
     def __str__(self):
         return self.message
 
+    @classmethod
+    def at(cls, step, signum, saved):
+        """The run stopped by `signum` after `step` steps, having saved the folder `saved`."""
+        signum = signum or signal.SIGTERM  # the signal may have reached another replica only
+        what = (f"saved {saved}. To continue, run the same command with --resume latest"
+                if saved else "nothing was trained yet, so nothing was saved")
+        return cls(f"stopped by {signal.Signals(signum).name} at step {step}: {what}", signum)
+
+
+class StopRequested(Exception):
+    """Raised inside an evaluation when a stop signal arrives (see Backend.stoppable)."""
+
 
 class StopSignal:
     """SIGINT (Ctrl-C) and SIGTERM (preemption, `kill`) become a flag that the loop checks
     between steps, so the step in flight finishes and a checkpoint is written. A second
-    signal of the same kind stops the process at once. One flag per process."""
+    signal stops the process at once. One flag per process."""
     signum = None
 
     @classmethod
@@ -250,8 +277,14 @@ class StopSignal:
 
     @classmethod
     def handle(cls, signum, frame):
-        cls.signum = signum
-        signal.signal(signum, signal.SIG_DFL)
+        if cls.signum is None:
+            cls.signum = signum
+            return
+        # A newline first: the progress bar's line is left open.
+        print(f"\n{signal.Signals(signum).name} again: stopped at once; nothing more was saved "
+              f"(the last checkpoint is intact: --resume latest continues from it)",
+              file=sys.stderr, flush=True)
+        os._exit(128 + signum)
 
 
 # --------------------------------------------------------------------------- replicas

@@ -141,7 +141,7 @@ def polarity_accuracy(model, tokenizer, features, backend, batch_size, max_examp
     index_batches = data.eval_batches(len(dataset), batch_size, backend.world_size, backend.rank)
     loader = data.make_loader(dataset, index_batches, workers, backend.pin_memory)
     with backend.autocast():
-        counts = polarity_counts(model, tokenizer, backend.feed(loader))
+        counts = polarity_counts(model, tokenizer, backend.stoppable(backend.feed(loader)))
     correct, total = backend.all_reduce_sum(torch.stack(counts)).tolist()  # one host read
     return correct / total
 

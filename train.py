@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 import data
 import polarity
 import sched
-from backend import Backend, Interrupted, StopSignal, choose_device, spawn_replicas
+from backend import (Backend, Interrupted, StopRequested, StopSignal, choose_device,
+                     spawn_replicas)
 from checkpoint import (CheckpointError, NonFiniteLoss, Progress, agreed_checkpoint,
                         check_fresh_start, check_output_shared, corpus_digest, exclusive,
                         export_best, restore, save_checkpoint)
@@ -209,7 +210,7 @@ def evaluate(model, tokenizer, val_loader, backend, args, loss_sum_fn=token_loss
     model.eval()
     loss_sum = torch.zeros((), device=backend.device)
     tokens = torch.zeros((), dtype=torch.long, device=backend.device)
-    for batch in backend.feed(val_loader):
+    for batch in backend.stoppable(backend.feed(val_loader)):
         with backend.autocast():
             loss_sum += loss_sum_fn(model, batch)
         tokens += count_targets(batch)
@@ -311,7 +312,10 @@ def train(backend, args):
             export_best(out, backend, model, tokenizer, progress.step)
 
     if progress.step == 0:
-        evaluate_and_keep_best(export=False)  # the starting point, for comparison
+        try:
+            evaluate_and_keep_best(export=False)  # the starting point, for comparison
+        except StopRequested:
+            raise Interrupted.at(0, StopSignal.signum, saved=None) from None
     meter = LossMeter(backend.device, progress.step)
     with tqdm(total=total_steps, initial=progress.step, desc="train", dynamic_ncols=True,
               disable=not backend.is_master) as bar:  # closed before any error is printed
@@ -340,15 +344,19 @@ def train(backend, args):
                             and backend.any_replica(StopSignal.signum is not None))
 
                 paused = time.perf_counter()
-                if epoch_done or last or due(progress.step, args.eval_every):
-                    evaluate_and_keep_best()  # before saving: the checkpoint keeps the best loss
+                try:
+                    if epoch_done or last or due(progress.step, args.eval_every):
+                        evaluate_and_keep_best()  # before saving: the checkpoint keeps it
+                except StopRequested:  # mid-evaluation: the step is done, so save it
+                    stopping = True
                 if epoch_done or last or stopping or due(progress.step, args.save_every_steps):
                     meter.check_finite()
                     save_checkpoint(args, backend, progress, model, tokenizer, optimizer,
                                     scheduler, facts)
                 meter.started += time.perf_counter() - paused  # tokens/s: training time only
                 if stopping:
-                    raise interrupted(out, progress.step, StopSignal.signum)
+                    raise Interrupted.at(progress.step, StopSignal.signum,
+                                         saved=out / f"checkpoint-{progress.step}")
                 if last:
                     break
     if backend.is_master:
@@ -357,13 +365,6 @@ def train(backend, args):
 
 def due(step, every):
     return bool(every) and step % every == 0
-
-
-def interrupted(out, step, signum):
-    signum = signum or signal.SIGTERM  # the signal may have reached another replica only
-    return Interrupted(f"stopped by {signal.Signals(signum).name} at step {step}: saved "
-                       f"{out / f'checkpoint-{step}'}. To continue, run the same command "
-                       f"with --resume latest", signum)
 
 
 # --------------------------------------------------------------------------- main
@@ -400,6 +401,9 @@ def main(argv=None):
     except Interrupted as e:
         print(e, file=sys.stderr)
         return 128 + e.signum
+    except KeyboardInterrupt:  # Ctrl-C during start-up, before the loop listens for it
+        print("stopped by SIGINT during start-up: nothing was saved", file=sys.stderr)
+        return 128 + signal.SIGINT
     except BrokenProcessPool:  # a replica ended its process: its error is printed above
         print("error: a replica process ended early (its error is above); nothing after "
               "the last checkpoint was saved", file=sys.stderr)

@@ -286,3 +286,91 @@ def test_metrics_lines_stay_json(run):
     out, _ = run
     for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
         json.loads(line)
+
+
+# --------------------------------------------------------------------------- signals, wherever the run is
+
+@pytest.fixture
+def slow_evaluation(tiny_model, tmp_path):
+    """A run whose evaluations take seconds: 10,000 validation reviews."""
+    import fixtures
+    train_file = fixtures.write_nsmc(tmp_path / "train.txt", fixtures.make_reviews(256, seed=1))
+    val_file = fixtures.write_nsmc(tmp_path / "val.txt", fixtures.make_reviews(10_000, seed=2))
+    return ["--pretrained_model_name", str(tiny_model), "--train_file", str(train_file),
+            "--val_file", str(val_file), "--downstream_model_dir", str(tmp_path / "out"),
+            "--cache_dir", str(tmp_path / "cache"), "--batch_size", "16", "--log_every", "1",
+            "--eval_every", "2", "--polarity_eval_size", "0", "--device", "cpu"]
+
+
+def start_training(args):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_train_step(out, process, step):
+    import time
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (out / "metrics.jsonl").exists() and step in [
+                e["step"] for e in read_metrics(out, "train")]:
+            return
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.05)
+    raise AssertionError(f"no training step {step}")
+
+
+def test_a_signal_during_an_evaluation_stops_it_and_saves_the_step(slow_evaluation, tmp_path):
+    import signal
+    out = tmp_path / "out"
+    process = start_training(slow_evaluation)
+    try:
+        wait_for_train_step(out, process, 2)          # the evaluation of step 2 starts now
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert stderr.strip().splitlines()[-1] == (
+        f"stopped by SIGTERM at step 2: saved {out / 'checkpoint-2'}. To continue, run the "
+        f"same command with --resume latest")
+    assert checkpoint.is_complete(out / "checkpoint-2")
+    assert [e["step"] for e in read_metrics(out, "eval")] == [0]   # step 2's was cut short
+
+
+def test_a_signal_during_the_first_evaluation_stops_with_nothing_to_save(slow_evaluation,
+                                                                        tmp_path):
+    import signal
+    process = start_training(slow_evaluation)
+    try:
+        for line in process.stdout:
+            if line.startswith("output:"):            # the banner's last line: evaluating
+                break
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGINT, stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "stopped by SIGINT at step 0: nothing was trained yet, so nothing was saved")
+    assert not list((tmp_path / "out").glob("checkpoint-*"))
+
+
+def test_a_second_signal_stops_at_once_and_says_nothing_more_was_saved(slow_evaluation,
+                                                                       tmp_path):
+    import signal
+    out = tmp_path / "out"
+    process = start_training(slow_evaluation)
+    try:
+        wait_for_train_step(out, process, 2)
+        process.send_signal(signal.SIGINT)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "SIGTERM again: stopped at once; nothing more was saved (the last checkpoint is "
+        "intact: --resume latest continues from it)")
