@@ -110,7 +110,8 @@ def read_corpus(path):
 
 
 def read_lines(path):
-    """The lines of a UTF-8 text file, without line endings; at least one."""
+    """The lines of a UTF-8 text file, split only at line feeds, without their endings
+    (CRLF included); at least one."""
     path = Path(path)
     raw = path.read_bytes()
     try:
@@ -119,7 +120,12 @@ def read_lines(path):
         line = raw[:e.start].count(b"\n") + 1
         raise InputError(f"{path}:{line}: byte 0x{raw[e.start]:02x} is not UTF-8; "
                          f"re-save the file as UTF-8") from None
-    lines = text.splitlines()  # also drops the \r of CRLF files
+    # Only \n ends a line. str.splitlines() would also break on \r, \f, \v, U+0085, U+2028,
+    # U+2029 and \x1c-\x1e, which reviews contain as text: a review cut in two there
+    # shows up as a wrong field count on a wrong line number.
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    if lines[-1] == "":  # the newline that ends the last line starts no new one
+        lines.pop()
     if not lines:
         raise InputError(f"{path}: the file is empty; expected the header "
                          f"'id<TAB>document<TAB>label' and one review per line")
