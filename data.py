@@ -42,7 +42,13 @@ def corpus_files(root_dir, corpus_name="nsmc", train_file=None, val_file=None):
         return [given_file("--train_file", train_file), given_file("--val_file", val_file)]
     folder = Path(root_dir).expanduser() / Path(corpus_name).expanduser()
     paths = [folder / name for name in NSMC_FILES]
-    missing = [p for p in paths if not p.is_file()]
+    for path in paths:
+        # Something else in a file's place: a download could not put the file there either.
+        if path.exists() and not path.is_file():
+            hint = (f"put NSMC's {path.name} in its place, or remove it to download NSMC"
+                    if corpus_name == "nsmc" else "put the corpus file in its place")
+            raise InputError(f"{path} {what_it_is(path)}; {hint}")
+    missing = [p for p in paths if not p.exists()]
     if missing:
         if corpus_name != "nsmc":
             raise InputError(f"--downstream_corpus_name {corpus_name}: no {missing[0]}; "
@@ -53,9 +59,19 @@ def corpus_files(root_dir, corpus_name="nsmc", train_file=None, val_file=None):
 
 def given_file(flag, name):
     path = Path(name).expanduser()
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"{flag} {name}: no such file")
+    if not path.is_file():
+        raise InputError(f"{flag} {name}: {what_it_is(path)}; name the corpus file itself")
     return path
+
+
+def what_it_is(path):
+    """What stands at `path` instead of a regular file, for error messages. A named pipe or
+    a device is refused too: reading it might never end, and the cache key reads it twice."""
+    if path.is_dir():
+        return "is a directory, not a file"
+    return "is not a regular file (a pipe or a device?)"
 
 
 def download_nsmc(folder, missing):
