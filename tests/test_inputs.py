@@ -5,10 +5,12 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 import data
 import train
 from data import InputError
+from model import load_tokenizer
 
 
 def write(path, text):
@@ -104,3 +106,93 @@ def test_an_nsmc_file_that_is_a_directory_stops_train_py(train_args, corpus, cap
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"error: {path} is a directory, not a file; put NSMC's ratings_test.txt in its place, "
         f"or remove it to download NSMC")
+
+
+# --------------------------------------------------------------------------- the cache
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    return load_tokenizer(str(tiny_model))
+
+
+@pytest.fixture
+def cached(tmp_path, tokenizer):
+    """A corpus file, its cache file and the features in it."""
+    corpus_file = write(tmp_path / "corpus.tsv", "좋다\t1\n정말 별로\t0\n최고 영화\t1\n")
+    features = data.load_features(corpus_file, tokenizer, 16, tmp_path / "cache")
+    return corpus_file, data.cache_path(tmp_path / "cache", corpus_file, tokenizer, 16), features
+
+
+def same_features(a, b):
+    return (torch.equal(a.input_ids, b.input_ids) and torch.equal(a.lengths, b.lengths)
+            and torch.equal(a.labels, b.labels) and (a.blank, a.truncated) == (b.blank, b.truncated))
+
+
+def saved(features, **changes):
+    """The dictionary the cache holds for `features`, with `changes`."""
+    return {**vars(features), **changes}
+
+
+# Ways a cache file can hold something else than what this script wrote: a copy cut short,
+# a disk error, another program's file at the same name, a tensor corrupted in place.
+DAMAGED_FILES = {
+    "truncated": lambda raw, features: raw[:len(raw) // 2],
+    "empty": lambda raw, features: b"",
+    "garbage": lambda raw, features: b"not a torch file\n" * 10,
+}
+FOREIGN_CONTENTS = {
+    "other-dict": lambda f: {"x": 1},
+    "a-list": lambda f: [1, 2, 3],
+    "a-tensor": lambda f: f.input_ids,
+    "missing-key": lambda f: {k: v for k, v in vars(f).items() if k != "lengths"},
+    "extra-key": lambda f: saved(f, extra=1),
+    "float-ids": lambda f: saved(f, input_ids=f.input_ids.float()),
+    "other-width": lambda f: saved(f, input_ids=f.input_ids[:, :8]),
+    "one-dimensional-ids": lambda f: saved(f, input_ids=f.input_ids.flatten()),
+    "lengths-of-other-rows": lambda f: saved(f, lengths=f.lengths[:2]),
+    "int64-lengths": lambda f: saved(f, lengths=f.lengths.long()),
+    "zero-length": lambda f: saved(f, lengths=f.lengths * 0),
+    "longer-than-a-row": lambda f: saved(f, lengths=f.lengths + 16),
+    "end-not-at-length": lambda f: saved(f, lengths=f.lengths - 1),
+    "id-beyond-vocabulary": lambda f: saved(f, input_ids=f.input_ids + 100_000),
+    "negative-id": lambda f: saved(f, input_ids=f.input_ids - 100),
+    "labels-of-other-rows": lambda f: saved(f, labels=f.labels[:1]),
+    "label-2": lambda f: saved(f, labels=f.labels + 2),
+    "labels-as-list": lambda f: saved(f, labels=f.labels.tolist()),
+    "blank-as-text": lambda f: saved(f, blank="0"),
+    "no-rows": lambda f: saved(f, input_ids=f.input_ids[:0], lengths=f.lengths[:0],
+                               labels=f.labels[:0]),
+}
+
+
+def damage_with_bytes(damage):
+    def apply(path, features):
+        path.write_bytes(damage(path.read_bytes(), features))
+    return apply
+
+
+def damage_with_content(make):
+    def apply(path, features):
+        torch.save(make(features), path)
+    return apply
+
+
+DAMAGE = {**{name: damage_with_bytes(d) for name, d in DAMAGED_FILES.items()},
+          **{name: damage_with_content(m) for name, m in FOREIGN_CONTENTS.items()}}
+
+
+@pytest.mark.parametrize("damage", DAMAGE.values(), ids=DAMAGE.keys())
+def test_a_damaged_cache_is_tokenized_again(cached, tokenizer, damage, capsys):
+    corpus_file, cache_file, features = cached
+    damage(cache_file, features)
+    capsys.readouterr()
+    again = data.load_features(corpus_file, tokenizer, 16, cache_file.parent)
+    assert same_features(again, features)
+    warning = capsys.readouterr().err
+    assert warning.startswith(f"warning: ignoring the cache file {cache_file} (")
+    assert warning.endswith(f"); tokenizing {corpus_file} again\n")
+    assert warning.count("\n") == 1
+    # The cache is whole again: the next run reads it, with no warning.
+    assert same_features(data.Features(**torch.load(cache_file, weights_only=True)), features)
+    data.load_features(corpus_file, tokenizer, 16, cache_file.parent)
+    assert capsys.readouterr().err == ""
