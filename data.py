@@ -351,7 +351,9 @@ def write_cache(path, corpus_file, features):
     """Cache `features` at `path`, or warn that the next run will tokenize again."""
     try:
         write_atomically(path, lambda tmp: torch.save(vars(features), tmp))
-    except OSError as e:  # the features are in hand; only the next run pays for this
+    # The features are in hand; only the next run pays for this. torch.save reports a full
+    # disk as a RuntimeError ("PytorchStreamWriter failed writing file"), not an OSError.
+    except (OSError, RuntimeError) as e:
         print(f"warning: could not cache {corpus_file} in {path.parent} ({first_line(e)}); "
               f"the next run will tokenize it again", file=sys.stderr)
 

@@ -196,3 +196,21 @@ def test_a_damaged_cache_is_tokenized_again(cached, tokenizer, damage, capsys):
     assert same_features(data.Features(**torch.load(cache_file, weights_only=True)), features)
     data.load_features(corpus_file, tokenizer, 16, cache_file.parent)
     assert capsys.readouterr().err == ""
+
+
+def test_a_full_disk_is_a_warning_and_leaves_no_file_behind(tmp_path, tokenizer, monkeypatch,
+                                                            capsys):
+    corpus_file = write(tmp_path / "corpus.tsv", "좋다\t1\n정말 별로\t0\n")
+
+    def full_disk(obj, path):  # torch.save's own words on a full disk: a RuntimeError
+        Path(path).write_bytes(b"PK\x03\x04 the first bytes made it")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter "
+                           "failed writing file data/0: file write failed")
+    monkeypatch.setattr(torch, "save", full_disk)
+    features = data.load_features(corpus_file, tokenizer, 16, tmp_path / "cache")
+    assert len(features) == 2
+    assert capsys.readouterr().err == (
+        f"warning: could not cache {corpus_file} in {tmp_path / 'cache'} ([enforce fail at "
+        f"inline_container.cc:664] . PytorchStreamWriter failed writing file data/0: file "
+        f"write failed); the next run will tokenize it again\n")
+    assert list((tmp_path / "cache").iterdir()) == []
