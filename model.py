@@ -20,6 +20,12 @@ def load_tokenizer(name, flag="--pretrained_model_name"):
     A tokenizer whose vocabulary lacks them keeps its own; one with no pad token pads with
     its end-of-text token, which is harmless here because padding is masked by length."""
     check_loadable(name, flag)
+    if Path(name).is_dir() and not (Path(name) / "tokenizer.json").is_file():
+        # Without it, from_pretrained falls back to converters that fail with unrelated
+        # errors (protobuf, sentencepiece, tiktoken).
+        raise InputError(f"{flag} {name}: the directory has no tokenizer.json; copy the "
+                         f"tokenizer files of the model it came from (tokenizer.json, "
+                         f"tokenizer_config.json) into it")
     tokenizer = from_pretrained(PreTrainedTokenizerFast, name, flag)
     vocab = tokenizer.get_vocab()
     tokenizer.add_special_tokens({role: token for role, token in KOGPT2_SPECIAL_TOKENS.items()
@@ -53,7 +59,8 @@ def check_loadable(name, flag, max_seq_length=None):
     """Fail early, in one line, when `name` is neither a model directory nor reachable, or
     when `max_seq_length` is longer than the positions the model has."""
     config = from_pretrained(AutoConfig, name, flag)
-    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    positions = (getattr(config, "n_positions", None)
+                 or getattr(config, "max_position_embeddings", None))
     if max_seq_length and positions and max_seq_length > positions:
         raise InputError(f"--max_seq_length {max_seq_length} is longer than the {positions} "
                          f"positions of {flag} {name}; use at most {positions}")

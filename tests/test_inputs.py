@@ -2,6 +2,7 @@
 are not files, a damaged or foreign cache, a full disk, model folders that are incomplete,
 damaged or not a causal language model. Each is handled, or named in one line."""
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 import data
 import train
+from conftest import run_train
 from data import InputError
 from model import load_tokenizer
 
@@ -57,7 +59,7 @@ def test_error_line_numbers_count_newlines_only(tmp_path):
         data.read_corpus(path)
 
 
-# --------------------------------------------------------------------------- paths that are not files
+# --------------------------------------------------------------------------- not files
 
 def make_directory(path):
     path.mkdir(parents=True)
@@ -125,7 +127,8 @@ def cached(tmp_path, tokenizer):
 
 def same_features(a, b):
     return (torch.equal(a.input_ids, b.input_ids) and torch.equal(a.lengths, b.lengths)
-            and torch.equal(a.labels, b.labels) and (a.blank, a.truncated) == (b.blank, b.truncated))
+            and torch.equal(a.labels, b.labels)
+            and (a.blank, a.truncated) == (b.blank, b.truncated))
 
 
 def saved(features, **changes):
@@ -214,3 +217,36 @@ def test_a_full_disk_is_a_warning_and_leaves_no_file_behind(tmp_path, tokenizer,
         f"inline_container.cc:664] . PytorchStreamWriter failed writing file data/0: file "
         f"write failed); the next run will tokenize it again\n")
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+# --------------------------------------------------------------------------- models
+
+def model_copy(tiny_model, tmp_path, without=()):
+    """A copy of the tiny model's directory, less the files `without`."""
+    directory = Path(shutil.copytree(tiny_model, tmp_path / "model"))
+    for name in without:
+        (directory / name).unlink()
+    return directory
+
+
+def last_error_line(result):
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    return result.stderr.strip().splitlines()[-1]
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def test_a_model_directory_without_tokenizer_files(train_args, tiny_model, tmp_path):
+    directory = model_copy(tiny_model, tmp_path, without=TOKENIZER_FILES)
+    result = run_train(train_args + ["--pretrained_model_name", str(directory)])
+    assert last_error_line(result) == (
+        f"error: --pretrained_model_name {directory}: the directory has no tokenizer.json; copy "
+        f"the tokenizer files of the model it came from (tokenizer.json, tokenizer_config.json) "
+        f"into it")
+
+
+def test_tokenizer_json_is_the_file_that_counts(tiny_model, tmp_path):
+    directory = model_copy(tiny_model, tmp_path, without=["tokenizer.json"])
+    with pytest.raises(InputError, match=r": the directory has no tokenizer.json; copy"):
+        load_tokenizer(str(directory))
