@@ -3,6 +3,8 @@ Hugging Face format so that `from_pretrained(directory)` loads what training wro
 import threading
 from pathlib import Path
 
+from huggingface_hub import try_to_load_from_cache
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from data import InputError, first_line
@@ -77,6 +79,10 @@ def from_pretrained(cls, name, flag):
     try:
         with LOADING:
             return cls.from_pretrained(name)
+    except SafetensorError as e:  # a weights file cut short: a full disk, a copy interrupted
+        damaged = damaged_weights(name) or "its model.safetensors"
+        raise InputError(f"{flag} {name}: {damaged} is damaged ({first_line(e)}); delete it, "
+                         f"then download the model again or save it again") from None
     except (OSError, ValueError, ImportError) as e:
         if Path(name).is_dir():
             hint = "the directory needs config.json, model weights and tokenizer.json"
@@ -84,6 +90,23 @@ def from_pretrained(cls, name, flag):
             hint = ("it is not a local directory and could not be downloaded: check the name "
                     "and the network, or pass a local directory (offline: HF_HUB_OFFLINE=1)")
         raise InputError(f"{flag} {name}: {hint} ({first_line(e)})") from None
+
+
+def damaged_weights(name):
+    """The first safetensors file of `name` (a directory, or a hub model in the local cache)
+    whose header does not cover the file, or None."""
+    if Path(name).is_dir():
+        files = sorted(Path(name).glob("*.safetensors"))
+    else:
+        cached = try_to_load_from_cache(name, "model.safetensors")
+        files = [Path(cached)] if isinstance(cached, str) else []
+    for path in files:
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except SafetensorError:
+            return path
+    return None
 
 
 def cpu_state_dict(model):

@@ -12,7 +12,7 @@ import data
 import train
 from conftest import run_train
 from data import InputError
-from model import load_tokenizer
+from model import load_model, load_tokenizer
 
 
 def write(path, text):
@@ -250,3 +250,49 @@ def test_tokenizer_json_is_the_file_that_counts(tiny_model, tmp_path):
     directory = model_copy(tiny_model, tmp_path, without=["tokenizer.json"])
     with pytest.raises(InputError, match=r": the directory has no tokenizer.json; copy"):
         load_tokenizer(str(directory))
+
+
+def cut_to_half(raw):
+    return raw[:len(raw) // 2]
+
+
+TRUNCATIONS = {"half": cut_to_half, "inside-the-header": lambda raw: raw[:20],
+               "empty": lambda raw: b""}
+
+
+@pytest.mark.parametrize("truncate", TRUNCATIONS.values(), ids=TRUNCATIONS.keys())
+def test_a_truncated_model_safetensors_is_named(tiny_model, tmp_path, truncate):
+    directory = model_copy(tiny_model, tmp_path)
+    weights = directory / "model.safetensors"
+    weights.write_bytes(truncate(weights.read_bytes()))
+    tokenizer = load_tokenizer(str(directory))  # the tokenizer files are fine
+    with pytest.raises(InputError) as error:
+        load_model(str(directory), tokenizer)
+    assert str(error.value).startswith(f"--pretrained_model_name {directory}: {weights} is "
+                                       f"damaged (")
+    assert str(error.value).endswith("); delete it, then download the model again or save "
+                                     "it again")
+
+
+def test_train_py_on_a_truncated_model_safetensors(train_args, tiny_model, tmp_path):
+    directory = model_copy(tiny_model, tmp_path)
+    weights = directory / "model.safetensors"
+    weights.write_bytes(cut_to_half(weights.read_bytes()))
+    result = run_train(train_args + ["--pretrained_model_name", str(directory)])
+    assert last_error_line(result) == (
+        f"error: --pretrained_model_name {directory}: {weights} is damaged (Error while "
+        f"deserializing header: incomplete metadata, file not fully covered); delete it, then "
+        f"download the model again or save it again")
+
+
+def test_a_damaged_download_in_the_hub_cache_is_named(train_args, tiny_model, tmp_path):
+    # The hub cache's layout: models--ORG--NAME/refs/main names the snapshot that holds the files.
+    repo, commit = tmp_path / "hub" / "models--some-org--kogpt2", "0" * 40
+    weights = Path(shutil.copytree(tiny_model, repo / "snapshots" / commit)) / "model.safetensors"
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    weights.write_bytes(weights.read_bytes()[:1000])
+    result = run_train(train_args + ["--pretrained_model_name", "some-org/kogpt2"],
+                       env={"HF_HUB_CACHE": str(tmp_path / "hub")})
+    assert last_error_line(result).startswith(
+        f"error: --pretrained_model_name some-org/kogpt2: {weights} is damaged (")
