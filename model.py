@@ -3,9 +3,11 @@ Hugging Face format so that `from_pretrained(directory)` loads what training wro
 import threading
 from pathlib import Path
 
+import torch
 from huggingface_hub import try_to_load_from_cache
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from data import InputError, first_line
 
@@ -13,6 +15,11 @@ from data import InputError, first_line
 # to from_pretrained. They sit at ids <s>=0 </s>=1 <usr>=2 <pad>=3 <sys>=4 <unk>=5 <mask>=6.
 KOGPT2_SPECIAL_TOKENS = dict(bos_token="</s>", eos_token="</s>", unk_token="<unk>",
                              pad_token="<pad>", mask_token="<mask>")
+
+# What the loop needs of a model: next-token logits from input_ids and attention_mask.
+CAUSAL_LM_HINT = ("use a causal language model: KoGPT2 or another of the GPT-2 family, or any "
+                  "model that AutoModelForCausalLM loads and that takes input_ids and "
+                  "attention_mask")
 
 
 def load_tokenizer(name, flag="--pretrained_model_name"):
@@ -45,6 +52,10 @@ def load_model(name, tokenizer, flag="--pretrained_model_name", device=None):
     `device` when one is given."""
     with LOADING:
         model = from_pretrained(AutoModelForCausalLM, name, flag)
+        if sees_the_future(model):
+            raise InputError(f"{flag} {name}: this {model.config.model_type} model sees the "
+                             f"tokens after each position, so it would learn to copy the next "
+                             f"token instead of predicting it; {CAUSAL_LM_HINT}")
         if device is not None:
             model.to(device)
             # Moving to an XLA device copies each parameter, which unties GPT-2's output
@@ -57,10 +68,25 @@ def load_model(name, tokenizer, flag="--pretrained_model_name", device=None):
     return model
 
 
+def sees_the_future(model):
+    """Whether the model's output at a position changes with the tokens after it: an
+    encoder's does (BERT, unless configured as a decoder). Trained on next-token labels, it
+    would copy them, with a loss that looks fine. Two prefixes, the same but for the last
+    token, tell; `from_pretrained` returns the model in eval mode, without dropout."""
+    with torch.no_grad():
+        one = model(input_ids=torch.tensor([[0, 1, 2]])).logits[0, :2]
+        other = model(input_ids=torch.tensor([[0, 1, 3]])).logits[0, :2]
+    return not torch.allclose(one, other, atol=1e-4)
+
+
 def check_loadable(name, flag, max_seq_length=None):
-    """Fail early, in one line, when `name` is neither a model directory nor reachable, or
-    when `max_seq_length` is longer than the positions the model has."""
+    """Fail early, in one line, when `name` is neither a model directory nor reachable, is
+    not a causal language model, or when `max_seq_length` is longer than the positions the
+    model has."""
     config = from_pretrained(AutoConfig, name, flag)
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise InputError(f"{flag} {name}: a {config.model_type} model is not a causal "
+                         f"language model; {CAUSAL_LM_HINT}")
     positions = (getattr(config, "n_positions", None)
                  or getattr(config, "max_position_embeddings", None))
     if max_seq_length and positions and max_seq_length > positions:

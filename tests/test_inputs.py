@@ -12,7 +12,7 @@ import data
 import train
 from conftest import run_train
 from data import InputError
-from model import load_model, load_tokenizer
+from model import check_loadable, load_model, load_tokenizer
 
 
 def write(path, text):
@@ -296,3 +296,51 @@ def test_a_damaged_download_in_the_hub_cache_is_named(train_args, tiny_model, tm
                        env={"HF_HUB_CACHE": str(tmp_path / "hub")})
     assert last_error_line(result).startswith(
         f"error: --pretrained_model_name some-org/kogpt2: {weights} is damaged (")
+
+
+def bert_next_to_the_tokenizer(tiny_model, tmp_path, **config):
+    """A tiny BERT with the tiny model's tokenizer: an encoder, which sees the whole text."""
+    from transformers import BertConfig, BertLMHeadModel
+    directory = tmp_path / "bert"
+    for name in TOKENIZER_FILES:
+        directory.mkdir(exist_ok=True)
+        shutil.copy(tiny_model / name, directory / name)
+    vocab_size = len(load_tokenizer(str(tiny_model)))
+    torch.manual_seed(0)
+    BertLMHeadModel(BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, intermediate_size=64,
+                               max_position_embeddings=128, **config)).save_pretrained(directory)
+    return directory
+
+
+CAUSAL_LM_HINT = ("use a causal language model: KoGPT2 or another of the GPT-2 family, or any "
+                  "model that AutoModelForCausalLM loads and that takes input_ids and "
+                  "attention_mask")
+
+
+def test_an_encoder_is_refused(train_args, tiny_model, tmp_path):
+    # BertLMHeadModel is among AutoModelForCausalLM's classes, so it loads; but as an encoder
+    # it sees the next token it is asked to predict, and its loss would fall to nothing.
+    directory = bert_next_to_the_tokenizer(tiny_model, tmp_path)
+    result = run_train(train_args + ["--pretrained_model_name", str(directory),
+                                     "--max_steps", "2"])
+    assert last_error_line(result) == (
+        f"error: --pretrained_model_name {directory}: this bert model sees the tokens after "
+        f"each position, so it would learn to copy the next token instead of predicting it; "
+        f"{CAUSAL_LM_HINT}")
+
+
+def test_bert_as_a_decoder_is_causal_and_loads(tiny_model, tmp_path):
+    directory = bert_next_to_the_tokenizer(tiny_model, tmp_path, is_decoder=True)
+    tokenizer = load_tokenizer(str(directory))
+    assert load_model(str(directory), tokenizer).config.model_type == "bert"
+
+
+def test_a_model_type_that_is_no_causal_lm(tiny_model, tmp_path):
+    from transformers import DistilBertConfig
+    directory = model_copy(tiny_model, tmp_path, without=["config.json"])
+    DistilBertConfig(vocab_size=200, dim=32, n_layers=1, n_heads=2).save_pretrained(directory)
+    with pytest.raises(InputError) as error:
+        check_loadable(str(directory), "--pretrained_model_name", 32)
+    assert str(error.value) == (f"--pretrained_model_name {directory}: a distilbert model is "
+                                f"not a causal language model; {CAUSAL_LM_HINT}")
