@@ -5,6 +5,7 @@ corpus without labels), cache them, and serve batches.
 Every batch is a slice of one pre-tokenized tensor: no per-example Python work while
 training. Padding is masked by length (attention 0, label -100), never by token id.
 """
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -42,7 +43,13 @@ def corpus_files(root_dir, corpus_name="nsmc", train_file=None, val_file=None):
         return [given_file("--train_file", train_file), given_file("--val_file", val_file)]
     folder = Path(root_dir).expanduser() / Path(corpus_name).expanduser()
     paths = [folder / name for name in NSMC_FILES]
-    missing = [p for p in paths if not p.is_file()]
+    for path in paths:
+        # Something else in a file's place: a download could not put the file there either.
+        if path.exists() and not path.is_file():
+            hint = (f"put NSMC's {path.name} in its place, or remove it to download NSMC"
+                    if corpus_name == "nsmc" else "put the corpus file in its place")
+            raise InputError(f"{path} {what_it_is(path)}; {hint}")
+    missing = [p for p in paths if not p.exists()]
     if missing:
         if corpus_name != "nsmc":
             raise InputError(f"--downstream_corpus_name {corpus_name}: no {missing[0]}; "
@@ -53,9 +60,19 @@ def corpus_files(root_dir, corpus_name="nsmc", train_file=None, val_file=None):
 
 def given_file(flag, name):
     path = Path(name).expanduser()
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"{flag} {name}: no such file")
+    if not path.is_file():
+        raise InputError(f"{flag} {name}: {what_it_is(path)}; name the corpus file itself")
     return path
+
+
+def what_it_is(path):
+    """What stands at `path` instead of a regular file, for error messages. A named pipe or
+    a device is refused too: reading it might never end, and the cache key reads it twice."""
+    if path.is_dir():
+        return "is a directory, not a file"
+    return "is not a regular file (a pipe or a device?)"
 
 
 def download_nsmc(folder, missing):
@@ -110,7 +127,8 @@ def read_corpus(path):
 
 
 def read_lines(path):
-    """The lines of a UTF-8 text file, without line endings; at least one."""
+    """The lines of a UTF-8 text file, split only at line feeds, without their endings
+    (CRLF included); at least one."""
     path = Path(path)
     raw = path.read_bytes()
     try:
@@ -119,7 +137,12 @@ def read_lines(path):
         line = raw[:e.start].count(b"\n") + 1
         raise InputError(f"{path}:{line}: byte 0x{raw[e.start]:02x} is not UTF-8; "
                          f"re-save the file as UTF-8") from None
-    lines = text.splitlines()  # also drops the \r of CRLF files
+    # Only \n ends a line. str.splitlines() would also break on \r, \f, \v, U+0085, U+2028,
+    # U+2029 and \x1c-\x1e, which reviews contain as text: a review cut in two there
+    # shows up as a wrong field count on a wrong line number.
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    if lines[-1] == "":  # the newline that ends the last line starts no new one
+        lines.pop()
     if not lines:
         raise InputError(f"{path}: the file is empty; expected the header "
                          f"'id<TAB>document<TAB>label' and one review per line")
@@ -247,19 +270,92 @@ def load_features(corpus_file, tokenizer, max_seq_length, cache_dir):
                          f"word and </s> leave no room for the review; use at least "
                          f"{min_seq_length(tokenizer)}")
     cached = cache_path(cache_dir, corpus_file, tokenizer, max_seq_length)
-    if cached.is_file():
-        return Features(**torch.load(cached, weights_only=True))
+    features = read_cache(cached, corpus_file, tokenizer, max_seq_length)
+    if features is None:
+        features = tokenize(corpus_file, tokenizer, max_seq_length)
+        write_cache(cached, corpus_file, features)
+    return features
+
+
+def tokenize(corpus_file, tokenizer, max_seq_length):
+    """Read `corpus_file` and turn its reviews into features."""
     reviews = read_corpus(corpus_file)
     if not reviews.texts:
         raise InputError(f"{corpus_file}: no reviews with text; the file holds only a header "
                          f"or blank reviews")
-    features = encode(reviews, tokenizer, max_seq_length)
+    return encode(reviews, tokenizer, max_seq_length)
+
+
+def read_cache(path, corpus_file, tokenizer, max_seq_length):
+    """The features cached at `path`; None when there is no such file, or, with a warning,
+    when it holds anything but features of this shape: cut short, damaged on disk, another
+    program's. Tokenizing again costs seconds; wrong features could cost the whole run."""
+    if not path.is_file():
+        return None
     try:
-        write_atomically(cached, lambda tmp: torch.save(vars(features), tmp))
-    except OSError as e:  # the features are in hand; only the next run pays for this
-        print(f"warning: could not cache {corpus_file} in {cached.parent} ({first_line(e)}); "
+        saved = torch.load(path, weights_only=True)
+    except Exception as e:
+        # A damaged file fails inside torch.load in many ways: zip, pickle, UTF-8, struct,
+        # EOF errors and more. Any of them means the same: this file cannot be used.
+        problem = f"not a readable torch file: {type(e).__name__}"
+    else:
+        problem = (cache_layout_problem(saved, max_seq_length)
+                   or cache_value_problem(saved, tokenizer))
+    if problem is None:
+        return Features(**saved)
+    print(f"warning: ignoring the cache file {path} ({problem}); tokenizing {corpus_file} "
+          f"again", file=sys.stderr)
+    return None
+
+
+def cache_layout_problem(saved, max_seq_length):
+    """What keeps `saved` from being the fields of Features, with rows `max_seq_length`
+    wide; None when nothing does."""
+    names = {field.name for field in dataclasses.fields(Features)}
+    if not isinstance(saved, dict) or set(saved) != names:
+        return f"not cached features: expected exactly the keys {', '.join(sorted(names))}"
+    ids, lengths, labels = saved["input_ids"], saved["lengths"], saved["labels"]
+    if not is_tensor(ids, torch.int32, (None, max_seq_length)) or len(ids) == 0:
+        return f"input_ids is not an int32 tensor [N, {max_seq_length}] with N > 0"
+    if not is_tensor(lengths, torch.int32, (len(ids),)):
+        return f"lengths is not an int32 tensor [{len(ids)}], one per row of input_ids"
+    if labels is not None and not is_tensor(labels, torch.int8, (len(ids),)):
+        return f"labels is neither None nor an int8 tensor [{len(ids)}]"
+    if not all(type(saved[name]) is int and saved[name] >= 0 for name in ("blank", "truncated")):
+        return "blank or truncated is not a count"
+    return None
+
+
+def cache_value_problem(saved, tokenizer):
+    """What in well-shaped features `encode` could not have written; None when nothing."""
+    ids, lengths, labels = saved["input_ids"], saved["lengths"], saved["labels"]
+    if ids.min() < 0 or ids.max() >= len(tokenizer):
+        return f"token ids outside 0..{len(tokenizer) - 1}, the tokenizer's vocabulary"
+    if lengths.min() < 1 or lengths.max() > ids.shape[1]:
+        return f"lengths outside 1..{ids.shape[1]}"
+    if (ids[torch.arange(len(ids)), lengths.long() - 1] != tokenizer.eos_token_id).any():
+        return "an example does not end with </s> at its length"
+    if labels is not None and ((labels != 0) & (labels != 1)).any():
+        return "labels other than 0 and 1"
+    return None
+
+
+def is_tensor(value, dtype, shape):
+    """Whether `value` is a tensor of `dtype` and `shape` (None in `shape`: any size)."""
+    return (isinstance(value, torch.Tensor) and value.dtype == dtype
+            and value.dim() == len(shape)
+            and all(want in (None, got) for want, got in zip(shape, value.shape)))
+
+
+def write_cache(path, corpus_file, features):
+    """Cache `features` at `path`, or warn that the next run will tokenize again."""
+    try:
+        write_atomically(path, lambda tmp: torch.save(vars(features), tmp))
+    # The features are in hand; only the next run pays for this. torch.save reports a full
+    # disk as a RuntimeError ("PytorchStreamWriter failed writing file"), not an OSError.
+    except (OSError, RuntimeError) as e:
+        print(f"warning: could not cache {corpus_file} in {path.parent} ({first_line(e)}); "
               f"the next run will tokenize it again", file=sys.stderr)
-    return features
 
 
 def write_atomically(path, write):

@@ -3,7 +3,11 @@ Hugging Face format so that `from_pretrained(directory)` loads what training wro
 import threading
 from pathlib import Path
 
+import torch
+from huggingface_hub import try_to_load_from_cache
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from data import InputError, first_line
 
@@ -11,6 +15,11 @@ from data import InputError, first_line
 # to from_pretrained. They sit at ids <s>=0 </s>=1 <usr>=2 <pad>=3 <sys>=4 <unk>=5 <mask>=6.
 KOGPT2_SPECIAL_TOKENS = dict(bos_token="</s>", eos_token="</s>", unk_token="<unk>",
                              pad_token="<pad>", mask_token="<mask>")
+
+# What the loop needs of a model: next-token logits from input_ids and attention_mask.
+CAUSAL_LM_HINT = ("use a causal language model: KoGPT2 or another of the GPT-2 family, or any "
+                  "model that AutoModelForCausalLM loads and that takes input_ids and "
+                  "attention_mask")
 
 
 def load_tokenizer(name, flag="--pretrained_model_name"):
@@ -20,6 +29,12 @@ def load_tokenizer(name, flag="--pretrained_model_name"):
     A tokenizer whose vocabulary lacks them keeps its own; one with no pad token pads with
     its end-of-text token, which is harmless here because padding is masked by length."""
     check_loadable(name, flag)
+    if Path(name).is_dir() and not (Path(name) / "tokenizer.json").is_file():
+        # Without it, from_pretrained falls back to converters that fail with unrelated
+        # errors (protobuf, sentencepiece, tiktoken).
+        raise InputError(f"{flag} {name}: the directory has no tokenizer.json; copy the "
+                         f"tokenizer files of the model it came from (tokenizer.json, "
+                         f"tokenizer_config.json) into it")
     tokenizer = from_pretrained(PreTrainedTokenizerFast, name, flag)
     vocab = tokenizer.get_vocab()
     tokenizer.add_special_tokens({role: token for role, token in KOGPT2_SPECIAL_TOKENS.items()
@@ -37,6 +52,10 @@ def load_model(name, tokenizer, flag="--pretrained_model_name", device=None):
     `device` when one is given."""
     with LOADING:
         model = from_pretrained(AutoModelForCausalLM, name, flag)
+        if sees_the_future(model):
+            raise InputError(f"{flag} {name}: this {model.config.model_type} model sees the "
+                             f"tokens after each position, so it would learn to copy the next "
+                             f"token instead of predicting it; {CAUSAL_LM_HINT}")
         if device is not None:
             model.to(device)
             # Moving to an XLA device copies each parameter, which unties GPT-2's output
@@ -49,11 +68,27 @@ def load_model(name, tokenizer, flag="--pretrained_model_name", device=None):
     return model
 
 
+def sees_the_future(model):
+    """Whether the model's output at a position changes with the tokens after it: an
+    encoder's does (BERT, unless configured as a decoder). Trained on next-token labels, it
+    would copy them, with a loss that looks fine. Two prefixes, the same but for the last
+    token, tell; `from_pretrained` returns the model in eval mode, without dropout."""
+    with torch.no_grad():
+        one = model(input_ids=torch.tensor([[0, 1, 2]])).logits[0, :2]
+        other = model(input_ids=torch.tensor([[0, 1, 3]])).logits[0, :2]
+    return not torch.allclose(one, other, atol=1e-4)
+
+
 def check_loadable(name, flag, max_seq_length=None):
-    """Fail early, in one line, when `name` is neither a model directory nor reachable, or
-    when `max_seq_length` is longer than the positions the model has."""
+    """Fail early, in one line, when `name` is neither a model directory nor reachable, is
+    not a causal language model, or when `max_seq_length` is longer than the positions the
+    model has."""
     config = from_pretrained(AutoConfig, name, flag)
-    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise InputError(f"{flag} {name}: a {config.model_type} model is not a causal "
+                         f"language model; {CAUSAL_LM_HINT}")
+    positions = (getattr(config, "n_positions", None)
+                 or getattr(config, "max_position_embeddings", None))
     if max_seq_length and positions and max_seq_length > positions:
         raise InputError(f"--max_seq_length {max_seq_length} is longer than the {positions} "
                          f"positions of {flag} {name}; use at most {positions}")
@@ -70,6 +105,10 @@ def from_pretrained(cls, name, flag):
     try:
         with LOADING:
             return cls.from_pretrained(name)
+    except SafetensorError as e:  # a weights file cut short: a full disk, a copy interrupted
+        damaged = damaged_weights(name) or "its model.safetensors"
+        raise InputError(f"{flag} {name}: {damaged} is damaged ({first_line(e)}); delete it, "
+                         f"then download the model again or save it again") from None
     except (OSError, ValueError, ImportError) as e:
         if Path(name).is_dir():
             hint = "the directory needs config.json, model weights and tokenizer.json"
@@ -77,6 +116,23 @@ def from_pretrained(cls, name, flag):
             hint = ("it is not a local directory and could not be downloaded: check the name "
                     "and the network, or pass a local directory (offline: HF_HUB_OFFLINE=1)")
         raise InputError(f"{flag} {name}: {hint} ({first_line(e)})") from None
+
+
+def damaged_weights(name):
+    """The first safetensors file of `name` (a directory, or a hub model in the local cache)
+    whose header does not cover the file, or None."""
+    if Path(name).is_dir():
+        files = sorted(Path(name).glob("*.safetensors"))
+    else:
+        cached = try_to_load_from_cache(name, "model.safetensors")
+        files = [Path(cached)] if isinstance(cached, str) else []
+    for path in files:
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except SafetensorError:
+            return path
+    return None
 
 
 def cpu_state_dict(model):
