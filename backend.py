@@ -139,8 +139,11 @@ class Backend:
         return {"cpu": torch.get_rng_state(), "cuda": cuda}
 
     def set_rng_state(self, state):
-        torch.set_rng_state(state["cpu"])
-        if state["cuda"] is not None:
+        # What was saved on this kind of device; one saved on another kind restores nothing
+        # (the run continues, no longer bit for bit).
+        if "cpu" in state:
+            torch.set_rng_state(state["cpu"])
+        if state.get("cuda") is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda"])
 
     def generation_model(self, model):
@@ -166,6 +169,7 @@ class XlaBackend(Backend):
         if precision is None:
             precision = "bf16" if self.hardware == "TPU" else "fp32"
         self.precision = precision
+        self.base_seed = 0  # set by seed()
 
     def describe(self):
         return f"xla ({self.hardware}, {self.world_size} replicas), {self.precision}"
@@ -193,7 +197,9 @@ class XlaBackend(Backend):
     def any_replica(self, flag):
         if self.world_size == 1:
             return flag
-        flag = torch.tensor(float(flag), device=self.device)
+        # One element, not a 0-d scalar: torch_xla bakes 0-d values into the graph, and
+        # replicas holding different flags would then compile different graphs.
+        flag = torch.tensor([float(flag)], device=self.device)
         return self.xm.all_reduce(self.xm.REDUCE_MAX, flag).item() > 0
 
     def stoppable(self, batches):
@@ -228,12 +234,14 @@ class XlaBackend(Backend):
 
     # The CPU generator is one per process, shared by replicas that are threads, and the
     # step draws nothing from it on XLA (dropout uses the device's): only the device's
-    # generator is this replica's own. seed_step sets it before every step anyway.
+    # generator is this replica's own. seed_step sets it before every step, so what is
+    # restored here matters only until then (evaluation draws nothing either).
     def rng_state(self):
         return {"xla": self.xm.get_rng_state(self.device)}
 
     def set_rng_state(self, state):
-        self.xm.set_rng_state(state["xla"], self.device)
+        if "xla" in state:
+            self.xm.set_rng_state(state["xla"], self.device)
 
     def generation_model(self, model):
         """A copy on the CPU: `generate` on XLA compiles a graph for almost every token."""

@@ -50,19 +50,22 @@ class Progress:
     epoch: int = 0              # the epoch in progress
     batches_done: int = 0       # micro-batches of that epoch already trained on
     best_val_loss: float = math.inf
+    eval_pending: bool = False  # a stop cut this step's evaluation short: run it on resume
 
 
 # On resume, arguments that change what a step computes or the schedule under way are
 # refused: with others the run would not be the one it continues. The corpus is compared by
 # content (its files' SHA-256), so its folder may move.
-FIXED_ON_RESUME = ["pretrained_model_name", "downstream_corpus_name", "train_file",
-                   "max_seq_length", "batch_size", "grad_accum_steps", "seed", "epochs",
+FIXED_ON_RESUME = ["pretrained_model_name", "max_seq_length", "batch_size", "grad_accum_steps", "seed", "epochs",
                    "max_steps", "warmup_ratio", "warmup_steps", "world_size", "corpus"]
 # Applied from the resumed step on, in place of the values the optimizer saved.
 APPLIED_ON_RESUME = ["learning_rate", "weight_decay"]
 NOT_COMPARED = ["resume", "debug", "cpu_workers", "compile", "cache_dir", "overwrite_output_dir",
                 "downstream_model_dir", "downstream_corpus_root_dir"]
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "training_state.pt", "rng_state_0.pt")
+# What save_pretrained writes for a GPT-2 and its fast tokenizer: the best model's files.
+BEST_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors",
+                    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 # --------------------------------------------------------------------------- saving
@@ -124,8 +127,9 @@ def write_or_error(write):
 
 def check_finite_weights(model, step):
     """A non-finite loss is caught when it is reported; weights that overflowed without
-    one (an infinite learning rate) are caught here, before anything is written."""
-    if not all(torch.isfinite(p).all() for p in model.parameters()):
+    one (an infinite learning rate) are caught here, before anything is written. One host
+    read for all the parameters."""
+    if not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
         raise NonFiniteLoss(f"the weights became non-finite at step {step} (is the learning "
                             f"rate too high?); nothing was saved for this step")
 
@@ -152,10 +156,10 @@ def export_best(out, backend, model, tokenizer, step):
     into place, `config.json` last: a kill at any moment leaves a model that loads (each
     rename is whole, and within a run only the weights change), or, during the very first
     export, no config.json and so no model at all."""
-    out = Path(out)
-    if backend.is_master:
-        check_finite_weights(model, step)
-        tmp = out / ".best.tmp"
+    out, tmp = Path(out), Path(out) / ".best.tmp"
+    check_finite_weights(model, step)  # every replica: the weights are the same on each
+
+    def write():
         try:
             with saving(out / "the best model", previous=out):
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -164,7 +168,21 @@ def export_best(out, backend, model, tokenizer, step):
                     os.replace(f, out / f.name)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    backend.barrier("best-exported")
+    master_writes(backend, write)
+
+
+def master_writes(backend, write):
+    """Run `write()` on the master alone, and when it fails (CheckpointError) make every
+    replica raise: a replica that raised alone would leave the others waiting for it at
+    their next collective, forever. The master's error is the one the launcher prints."""
+    error = None
+    if backend.is_master:
+        try:
+            write()
+        except CheckpointError as e:
+            error = e
+    if backend.any_replica(error is not None):
+        raise error or CheckpointError("the master could not write (its error is above)")
 
 
 @contextlib.contextmanager
@@ -255,7 +273,8 @@ def check_fresh_start(out, resume, overwrite):
     """A run that does not resume must not share its folder with an earlier run's
     checkpoints: --resume latest would then pick whichever has the higher step, and pruning
     would delete the new run's. Refuse, or with --overwrite_output_dir delete the earlier
-    run: its checkpoints, metrics.jsonl and best model."""
+    run: its checkpoints, metrics.jsonl and best model. (On a TPU pod every host does this
+    at once, hence the deletions that tolerate a file already gone.)"""
     old = checkpoints(out)
     if resume is not None or not old:
         return
@@ -263,12 +282,21 @@ def check_fresh_start(out, resume, overwrite):
         raise InputError(f"--downstream_model_dir {out} holds an earlier run ({old[0].name}); "
                          f"continue it with --resume latest, pass --overwrite_output_dir to "
                          f"replace it, or choose another directory")
-    best_model_files = [f.name for f in old[0].iterdir()
-                        if f.is_file() and f.suffix != ".pt"]  # what export_best writes
-    for name in best_model_files + ["metrics.jsonl", ".replicas-see-this"]:
+    for name in BEST_MODEL_FILES + ("metrics.jsonl", ".replicas-see-this"):
         (Path(out) / name).unlink(missing_ok=True)
     for path in old:
-        shutil.rmtree(path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def drop_later_checkpoints(out, step):
+    """Resuming from `step` abandons the checkpoints after it (a damaged newest one, or the
+    later steps of a run resumed from an earlier point): left there, they would be what
+    --resume latest picks next time, and the pruning would delete the new ones instead."""
+    for path in checkpoints(out):
+        if int(path.name.removeprefix("checkpoint-").removesuffix(".tmp")) > step:
+            print(f"warning: removing {path}: it is later than the step resumed from",
+                  file=sys.stderr)
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def agreed_checkpoint(backend, resume, out):
@@ -349,7 +377,10 @@ def restore(path, args, backend, optimizer, scheduler, run_facts):
     scheduler.load_state_dict(state["scheduler"])
     apply_hyperparameters(optimizer, scheduler, args)
     backend.set_rng_state(torch.load(path / f"rng_state_{backend.rank}.pt", weights_only=True))
-    return Progress(**state["progress"])
+    progress = Progress(**state["progress"])
+    master_writes(backend, lambda: drop_later_checkpoints(args.downstream_model_dir,
+                                                          progress.step))
+    return progress
 
 
 def apply_hyperparameters(optimizer, scheduler, args):
@@ -367,11 +398,13 @@ def apply_hyperparameters(optimizer, scheduler, args):
 @contextlib.contextmanager
 def exclusive(directory):
     """Hold a lock on the output directory so two runs cannot write into it at once. The
-    operating system releases it when the process ends, however it ends."""
+    operating system releases it when the process ends, however it ends. On a TPU pod every
+    host runs this script on the same shared folder: one lock per host."""
     directory = Path(directory)
+    worker = os.environ.get("TPU_WORKER_ID")
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        lock = open(directory / ".lock", "a+")
+        lock = open(directory / (f".lock-worker{worker}" if worker else ".lock"), "a+")
     except OSError as e:
         raise InputError(f"--downstream_model_dir {directory} cannot be written "
                          f"({data.first_line(e)}); choose a writable directory") from None

@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
 import os
 import sys
 import tempfile
@@ -441,6 +442,33 @@ def eval_batches(num_examples, batch_size, world_size, rank):
 def batches_per_epoch(num_examples, batch_size, world_size):
     """Full batches each replica trains on per epoch (the rest is dropped)."""
     return (num_examples // world_size) // batch_size
+
+
+def load_corpus(args, tokenizer):
+    """Train and validation features for train.py's `args`, from the cache after the first
+    run."""
+    train_file, val_file = corpus_files(args.downstream_corpus_root_dir,
+                                             args.downstream_corpus_name,
+                                             args.train_file, args.val_file)
+    features = [load_features(f, tokenizer, args.max_seq_length, args.cache_dir)
+                for f in (train_file, val_file)]
+    if (features[0].labels is None) != (features[1].labels is None):
+        unlabelled, labelled = ((train_file, val_file) if features[0].labels is None
+                                else (val_file, train_file))
+        raise InputError(f"{unlabelled} has no labels but {labelled} has; give both files "
+                         f"labels, or neither")
+    return features
+
+
+def replica_steps(num_examples, batch_size, world_size, grad_accum_steps):
+    """How the work splits across replicas: (micro-batches each replica trains on per
+    epoch, optimizer steps per epoch)."""
+    batches = batches_per_epoch(num_examples, batch_size, world_size)
+    if batches == 0:
+        raise InputError(f"{num_examples} training examples cannot fill one batch of "
+                         f"--batch_size {batch_size} on each of {world_size} replicas; "
+                         f"lower --batch_size")
+    return batches, math.ceil(batches / grad_accum_steps)
 
 
 def windows(batches, size):

@@ -3,6 +3,7 @@ and read once per report (`LossMeter`, `report`), metrics.jsonl, the evaluation 
 the banner printed before training starts.
 """
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -69,11 +70,18 @@ class MetricsLog:
         self.steps_per_epoch = steps_per_epoch
 
     def write(self, event, step):
+        """Append `event`. A failed write (a full disk) is a warning, once: the master alone
+        writes, and raising there would leave the other replicas waiting for it; the next
+        checkpoint, which every replica takes part in, stops the run if the disk is full."""
         event = {**event, "step": step, "epoch": round(step / self.steps_per_epoch, 4)}
-        if self.is_master:
-            with saving(self.path, previous=self.path.parent):
+        if self.is_master and self.path is not None:
+            try:
                 with open(self.path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(event, ensure_ascii=False) + "\n")
+            except OSError as e:
+                print(f"warning: could not write {self.path} ({data.first_line(e)}); training "
+                      f"goes on without logging events there", file=sys.stderr)
+                self.path = None
 
     def restart_after(self, step):
         """Keep the events up to `step` (None: none), where the run continues: a resumed

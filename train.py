@@ -30,7 +30,8 @@ from backend import (Backend, Interrupted, StopRequested, StopSignal, choose_dev
                      spawn_replicas)
 from checkpoint import (CheckpointError, NonFiniteLoss, Progress, agreed_checkpoint,
                         check_fresh_start, check_output_shared, corpus_digest, exclusive,
-                        export_best, restore, save_checkpoint)
+                        export_best, find_resume_checkpoint, master_writes, restore,
+                        save_checkpoint)
 from data import InputError
 from model import check_loadable, load_model, load_tokenizer
 from reporting import LossMeter, MetricsLog, print_banner, print_evaluation
@@ -231,28 +232,6 @@ def evaluate(model, tokenizer, val_loader, backend, args, loss_sum_fn=token_loss
 
 # --------------------------------------------------------------------------- set-up
 
-def load_corpus(args, tokenizer):
-    """Train and validation features, from the cache after the first run."""
-    train_file, val_file = data.corpus_files(args.downstream_corpus_root_dir,
-                                             args.downstream_corpus_name,
-                                             args.train_file, args.val_file)
-    features = [data.load_features(f, tokenizer, args.max_seq_length, args.cache_dir)
-                for f in (train_file, val_file)]
-    if (features[0].labels is None) != (features[1].labels is None):
-        unlabelled, labelled = ((train_file, val_file) if features[0].labels is None
-                                else (val_file, train_file))
-        raise InputError(f"{unlabelled} has no labels but {labelled} has; give both files "
-                         f"labels, or neither")
-    return features
-
-
-def replica_steps(num_examples, batch_size, world_size, grad_accum_steps):
-    """How the work splits across replicas: (micro-batches each replica trains on per
-    epoch, optimizer steps per epoch, examples per optimizer step)."""
-    batches = data.batches_per_epoch(num_examples, batch_size, world_size)
-    return batches, math.ceil(batches / grad_accum_steps), batch_size * world_size * grad_accum_steps
-
-
 def make_loader(features, index_batches, tokenizer, backend, args):
     dataset = data.ReviewBatches(features, tokenizer.pad_token_id, backend.fixed_shapes,
                                  args.batch_size)
@@ -266,13 +245,9 @@ def train(backend, args):
     backend.seed(args.seed)
     out = Path(args.downstream_model_dir)
     tokenizer = load_tokenizer(args.pretrained_model_name)
-    train_features, val_features = load_corpus(args, tokenizer)
-    batches_per_epoch, steps_per_epoch, _ = replica_steps(
+    train_features, val_features = data.load_corpus(args, tokenizer)
+    batches_per_epoch, steps_per_epoch = data.replica_steps(
         len(train_features), args.batch_size, backend.world_size, args.grad_accum_steps)
-    if batches_per_epoch == 0:
-        raise InputError(f"{len(train_features)} training examples cannot fill one batch of "
-                         f"--batch_size {args.batch_size} on each of {backend.world_size} "
-                         f"replicas; lower --batch_size")
     total_steps = min(steps_per_epoch * args.epochs, args.max_steps or math.inf)
     train_batches = data.TrainBatches(len(train_features), args.batch_size,
                                       backend.world_size, backend.rank, args.seed)
@@ -295,7 +270,7 @@ def train(backend, args):
     progress = (restore(checkpoint, args, backend, optimizer, scheduler, facts) if checkpoint
                 else Progress())
     log = MetricsLog(out / "metrics.jsonl", backend.is_master, steps_per_epoch)
-    log.restart_after(progress.step if checkpoint else None)
+    master_writes(backend, lambda: log.restart_after(progress.step if checkpoint else None))
     if backend.is_master:
         print_banner(args, backend, train_features, val_features, steps_per_epoch,
                      total_steps, warmup, checkpoint, progress)
@@ -311,11 +286,13 @@ def train(backend, args):
             progress.best_val_loss = result["val_loss"]
             export_best(out, backend, model, tokenizer, progress.step)
 
-    if progress.step == 0:
+    if progress.step == 0 or progress.eval_pending:  # the starting point, for comparison
         try:
-            evaluate_and_keep_best(export=False)  # the starting point, for comparison
+            evaluate_and_keep_best(export=progress.step > 0)
         except StopRequested:
-            raise Interrupted.at(0, StopSignal.signum, saved=None) from None
+            raise Interrupted.at(progress.step, StopSignal.signum, saved=progress.step > 0
+                                 and checkpoint) from None
+        progress.eval_pending = False
     meter = LossMeter(backend.device, progress.step)
     with tqdm(total=total_steps, initial=progress.step, desc="train", dynamic_ncols=True,
               disable=not backend.is_master) as bar:  # closed before any error is printed
@@ -348,7 +325,7 @@ def train(backend, args):
                     if epoch_done or last or due(progress.step, args.eval_every):
                         evaluate_and_keep_best()  # before saving: the checkpoint keeps it
                 except StopRequested:  # mid-evaluation: the step is done, so save it
-                    stopping = True
+                    stopping = progress.eval_pending = True
                 if epoch_done or last or stopping or due(progress.step, args.save_every_steps):
                     meter.check_finite()
                     save_checkpoint(args, backend, progress, model, tokenizer, optimizer,
@@ -373,8 +350,10 @@ def prepare(args):
     """Work done once, before any replica starts: check the model name, find or download
     the corpus, tokenize it into the cache. Replicas then only read the cache."""
     check_fresh_start(args.downstream_model_dir, args.resume, args.overwrite_output_dir)
+    if args.resume != "latest":  # a path: check it here, not in the replicas
+        find_resume_checkpoint(args.resume, args.downstream_model_dir)
     check_loadable(args.pretrained_model_name, "--pretrained_model_name", args.max_seq_length)
-    load_corpus(args, load_tokenizer(args.pretrained_model_name))
+    data.load_corpus(args, load_tokenizer(args.pretrained_model_name))
 
 
 # Errors every replica raises together, which main turns into one line.

@@ -9,6 +9,9 @@ FAULT is one of
   disk-full      the write of checkpoint-STEP fails with ENOSPC
   nan            the loss of step STEP is NaN
   fail-replica   replica 1 alone raises an error in step STEP (XLA, 2 or more replicas)
+  sigterm-in-eval    SIGTERM as evaluation number STEP starts (1: the one before training)
+  two-signals-in-eval  SIGINT, then SIGTERM, as evaluation number STEP starts
+  best-disk-full every export of the best model fails as on a full disk
 
 On XLA the faults are set up in the replica process too: `xmp.spawn` starts it by importing
 this script again (as __mp_main__, with the same sys.argv).
@@ -74,6 +77,29 @@ def install_fault():
         def no_space(function, *args):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         checkpoint.training_state = at_step(checkpoint.training_state, step, no_space, saving)
+    elif fault in ("sigterm-in-eval", "two-signals-in-eval"):
+        signals = [signal.SIGTERM] if fault == "sigterm-in-eval" else [signal.SIGINT, signal.SIGTERM]
+        original, calls = train.evaluate, {"n": 0}
+
+        def signalled_evaluate(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == step:
+                for sig in signals:
+                    os.kill(os.getpid(), sig)
+            return original(*args, **kwargs)
+        train.evaluate = signalled_evaluate
+    elif fault == "best-disk-full":  # every export of the best model; STEP is not used
+        from safetensors import SafetensorError
+        real_save = checkpoint.save_pretrained
+
+        def no_space(model, tokenizer, directory, state_dict):
+            if Path(directory).name != ".best.tmp":
+                return real_save(model, tokenizer, directory, state_dict)
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            (Path(directory) / "model.safetensors").write_bytes(b"half a file")
+            raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: "
+                                  "StorageFull, message: \"No space left on device\" })")
+        checkpoint.save_pretrained = no_space
     elif fault == "nan":
         original = train.accumulate_gradients
         calls = {"n": 0}

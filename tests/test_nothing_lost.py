@@ -7,6 +7,8 @@ import math
 import os
 import shutil
 
+import signal
+
 import pytest
 import torch
 from safetensors import SafetensorError
@@ -15,7 +17,7 @@ from transformers import GPT2LMHeadModel
 import backend
 import checkpoint
 import train
-from conftest import read_metrics
+from conftest import read_metrics, run_train
 from model import load_model, load_tokenizer
 
 SAVED = ["--max_steps", "6", "--save_every_steps", "2", "--keep_checkpoints", "3"]
@@ -151,7 +153,9 @@ def test_a_full_disk_while_exporting_the_best_model_keeps_the_previous_one(
     shutil.rmtree(out / "checkpoint-6")
     before = (out / "model.safetensors").read_bytes()
 
-    def full_disk(*a, **k):
+    def full_disk(model, tokenizer, directory, state_dict):
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "model.safetensors").write_bytes(b"half a file")
         raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: "
                               "StorageFull, message: \"No space left on device\" })")
     monkeypatch.setattr(checkpoint, "save_pretrained", full_disk)
@@ -190,8 +194,11 @@ def test_the_best_model_loads_after_a_kill_at_any_moment_of_its_export(
     for renames_done in range(12):
         out = tmp_path / f"out{renames_done}"
         out.mkdir()
+        step_1 = model.transformer.wte.weight.detach().clone()
         if not first_export:
             checkpoint.export_best(out, cpu, model, tokenizer, step=1)
+            with torch.no_grad():
+                model.transformer.wte.weight += 1              # the next export differs
         real_replace, calls = os.replace, []
 
         def dying_replace(src, dst):
@@ -207,7 +214,9 @@ def test_the_best_model_loads_after_a_kill_at_any_moment_of_its_export(
             pass
         monkeypatch.setattr(os, "replace", real_replace)
         if (out / "config.json").exists():
-            assert GPT2LMHeadModel.from_pretrained(out) is not None
+            loaded = GPT2LMHeadModel.from_pretrained(out).transformer.wte.weight
+            step_2 = model.transformer.wte.weight
+            assert torch.equal(loaded, step_2) or (not first_export and torch.equal(loaded, step_1))
         else:
             assert first_export
     assert files and files < 12  # every moment of the export was tried
@@ -290,87 +299,70 @@ def test_metrics_lines_stay_json(run):
 
 # --------------------------------------------------------------------------- signals, wherever the run is
 
-@pytest.fixture
-def slow_evaluation(tiny_model, tmp_path):
-    """A run whose evaluations take seconds: 10,000 validation reviews."""
-    import fixtures
-    train_file = fixtures.write_nsmc(tmp_path / "train.txt", fixtures.make_reviews(256, seed=1))
-    val_file = fixtures.write_nsmc(tmp_path / "val.txt", fixtures.make_reviews(10_000, seed=2))
-    return ["--pretrained_model_name", str(tiny_model), "--train_file", str(train_file),
-            "--val_file", str(val_file), "--downstream_model_dir", str(tmp_path / "out"),
-            "--cache_dir", str(tmp_path / "cache"), "--batch_size", "16", "--log_every", "1",
-            "--eval_every", "2", "--polarity_eval_size", "0", "--device", "cpu"]
+def faulty_run(fault, number, args):
+    """train.py with tests/interrupt.py's `fault` at `number`, as a real process."""
+    return run_train([fault, str(number), "--", *args], script="tests/interrupt.py")
 
 
-def start_training(args):
-    import subprocess
-    import sys
-    from conftest import ROOT
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for_train_step(out, process, step):
-    import time
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if (out / "metrics.jsonl").exists() and step in [
-                e["step"] for e in read_metrics(out, "train")]:
-            return
-        assert process.poll() is None, process.communicate()
-        time.sleep(0.05)
-    raise AssertionError(f"no training step {step}")
-
-
-def test_a_signal_during_an_evaluation_stops_it_and_saves_the_step(slow_evaluation, tmp_path):
-    import signal
+def test_a_signal_during_an_evaluation_saves_the_step_and_the_resume_evaluates_it(
+        train_args, tmp_path):
+    """SIGTERM as the evaluation of step 2 starts (the second evaluation): it stops within
+    a batch, step 2 is saved, and the resumed run evaluates step 2 before going on."""
     out = tmp_path / "out"
-    process = start_training(slow_evaluation)
-    try:
-        wait_for_train_step(out, process, 2)          # the evaluation of step 2 starts now
-        process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=120)
-    finally:
-        process.kill()
-    assert process.returncode == 128 + signal.SIGTERM, stderr
-    assert stderr.strip().splitlines()[-1] == (
+    args = train_args + ["--max_steps", "4", "--eval_every", "2"]
+    stopped = faulty_run("sigterm-in-eval", 2, args)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1] == (
         f"stopped by SIGTERM at step 2: saved {out / 'checkpoint-2'}. To continue, run the "
         f"same command with --resume latest")
-    assert checkpoint.is_complete(out / "checkpoint-2")
-    assert [e["step"] for e in read_metrics(out, "eval")] == [0]   # step 2's was cut short
+    assert [e["step"] for e in read_metrics(out, "eval")] == [0]      # step 2's: cut short
+    resumed = run_train(args + ["--resume", "latest"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert [e["step"] for e in read_metrics(out, "eval")] == [0, 2, 4]
+    assert (out / "model.safetensors").is_file()                     # exported as the best
 
 
-def test_a_signal_during_the_first_evaluation_stops_with_nothing_to_save(slow_evaluation,
+def test_a_signal_during_the_first_evaluation_stops_with_nothing_to_save(train_args,
                                                                         tmp_path):
-    import signal
-    process = start_training(slow_evaluation)
-    try:
-        for line in process.stdout:
-            if line.startswith("output:"):            # the banner's last line: evaluating
-                break
-        process.send_signal(signal.SIGINT)
-        _, stderr = process.communicate(timeout=120)
-    finally:
-        process.kill()
-    assert process.returncode == 128 + signal.SIGINT, stderr
-    assert stderr.strip().splitlines()[-1] == (
-        "stopped by SIGINT at step 0: nothing was trained yet, so nothing was saved")
+    stopped = faulty_run("sigterm-in-eval", 1, train_args)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1] == (
+        "stopped by SIGTERM at step 0: nothing was trained yet, so nothing was saved")
     assert not list((tmp_path / "out").glob("checkpoint-*"))
 
 
-def test_a_second_signal_stops_at_once_and_says_nothing_more_was_saved(slow_evaluation,
-                                                                       tmp_path):
-    import signal
-    out = tmp_path / "out"
-    process = start_training(slow_evaluation)
-    try:
-        wait_for_train_step(out, process, 2)
-        process.send_signal(signal.SIGINT)
-        process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=120)
-    finally:
-        process.kill()
-    assert process.returncode == 128 + signal.SIGTERM, stderr
-    assert stderr.strip().splitlines()[-1] == (
+def test_a_second_signal_stops_at_once_and_says_nothing_more_was_saved(train_args, tmp_path):
+    stopped = faulty_run("two-signals-in-eval", 2, train_args + ["--eval_every", "2"])
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1] == (
         "SIGTERM again: stopped at once; nothing more was saved (the last checkpoint is "
         "intact: --resume latest continues from it)")
+    assert not list((tmp_path / "out").glob("checkpoint-*"))
+
+
+def test_a_full_disk_at_the_best_model_export_is_one_line_and_leaves_no_temporary_folder(
+        train_args, tmp_path):
+    out = tmp_path / "out"
+    result = faulty_run("best-disk-full", 0, train_args + ["--max_steps", "2"])
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: could not write {out / 'the best model'} (Error while "
+                           f"serializing: IoError")
+    assert not (out / ".best.tmp").exists() and not (out / "model.safetensors").exists()
+
+
+def test_a_mistyped_resume_path_is_one_line_before_any_replica_starts(train_args, tmp_path):
+    result = run_train(train_args + ["--resume", str(tmp_path / "no-such-checkpoint"),
+                                     "--device", "xla"], env={"PJRT_DEVICE": "CPU"})
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: --resume {tmp_path / 'no-such-checkpoint'}: not a checkpoint that loads: "
+        f"config.json is missing; use another checkpoint-<step> folder, or --resume latest")
+
+
+def test_resuming_from_an_earlier_checkpoint_abandons_the_later_ones(run, capsys):
+    out, args = run
+    assert train.main(args + ["--resume", str(out / "checkpoint-2"), "--keep_checkpoints",
+                              "1"]) == 0
+    assert ("warning: removing " + str(out / "checkpoint-6")) in capsys.readouterr().err
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-6"]   # the new one
