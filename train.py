@@ -19,6 +19,15 @@ import time
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
+
+def stopped_during_start_up(signum, frame):
+    print("stopped by SIGINT during start-up: nothing was saved", file=sys.stderr)
+    raise SystemExit(128 + signum)
+
+
+if __name__ == "__main__":  # Ctrl-C while torch loads or the corpus is tokenized: one line,
+    signal.signal(signal.SIGINT, stopped_during_start_up)  # until main() installs StopSignal
+
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -380,9 +389,6 @@ def main(argv=None):
     except Interrupted as e:
         print(e, file=sys.stderr)
         return 128 + e.signum
-    except KeyboardInterrupt:  # Ctrl-C during start-up, before the loop listens for it
-        print("stopped by SIGINT during start-up: nothing was saved", file=sys.stderr)
-        return 128 + signal.SIGINT
     except BrokenProcessPool:  # a replica ended its process: its error is printed above
         print("error: a replica process ended early (its error is above); nothing after "
               "the last checkpoint was saved", file=sys.stderr)

@@ -366,3 +366,24 @@ def test_resuming_from_an_earlier_checkpoint_abandons_the_later_ones(run, capsys
                               "1"]) == 0
     assert ("warning: removing " + str(out / "checkpoint-6")) in capsys.readouterr().err
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-6"]   # the new one
+
+
+def test_ctrl_c_during_start_up_is_one_line(train_args):
+    """A second after start, train.py is still importing torch and transformers."""
+    import subprocess
+    import sys
+    import time
+    from conftest import ROOT
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *train_args],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        time.sleep(1.0)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGINT, stderr
+    assert "Traceback" not in stderr and "banner" not in stdout
+    assert stderr.strip().splitlines()[-1] == (
+        "stopped by SIGINT during start-up: nothing was saved")
