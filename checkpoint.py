@@ -361,9 +361,7 @@ def corpus_digest(args):
     digest = hashlib.sha256()
     for path in data.corpus_files(args.downstream_corpus_root_dir, args.downstream_corpus_name,
                                   args.train_file, args.val_file):
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
+        data.add_file_bytes(digest, path)
     return digest.hexdigest()
 
 

@@ -244,14 +244,19 @@ def cache_path(cache_dir, corpus_file, tokenizer, max_seq_length):
     """The cache file for one corpus file, keyed by everything that changes its features:
     the file's bytes (which also decide its layout, and so whether reviews get a polarity
     word), the polarity words, the tokenizer (its full definition) and `max_seq_length`."""
-    key = hashlib.sha256()
-    with open(corpus_file, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            key.update(chunk)
+    key = add_file_bytes(hashlib.sha256(), corpus_file)
     key.update(tokenizer_fingerprint(tokenizer).encode())
     key.update(f"{POLARITY}|{max_seq_length}|{tokenizer.eos_token_id}|"
                f"{tokenizer.pad_token_id}|{CACHE_VERSION}".encode())
     return Path(cache_dir).expanduser() / f"{Path(corpus_file).stem}-{key.hexdigest()[:16]}.pt"
+
+
+def add_file_bytes(digest, path):
+    """`digest` updated with the bytes of the file `path`, read a megabyte at a time."""
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest
 
 
 def tokenizer_fingerprint(tokenizer):

@@ -23,7 +23,7 @@ import torch
 import data
 from backend import Backend
 from data import POLARITY, InputError
-from model import load_model, load_tokenizer
+from model import load_model, load_tokenizer, max_positions
 from polarity import SAMPLING, polarity_accuracy, prompt_ids, write_reviews
 
 
@@ -124,8 +124,7 @@ def check_review_fits(args, model, tokenizer):
     """Refuse a --prompt or --max_new_tokens that runs past the model's positions: GPT-2
     learns an embedding for each of its n_positions positions and has none beyond, so
     `generate` would fail there deep in torch (an IndexError, on a GPU a device assert)."""
-    positions = (getattr(model.config, "n_positions", None)
-                 or getattr(model.config, "max_position_embeddings", None))
+    positions = max_positions(model.config)
     if not positions:
         return
     words = polarity_words(args.polarity)

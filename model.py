@@ -87,11 +87,15 @@ def check_loadable(name, flag, max_seq_length=None):
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise InputError(f"{flag} {name}: a {config.model_type} model is not a causal "
                          f"language model; {CAUSAL_LM_HINT}")
-    positions = (getattr(config, "n_positions", None)
-                 or getattr(config, "max_position_embeddings", None))
+    positions = max_positions(config)
     if max_seq_length and positions and max_seq_length > positions:
         raise InputError(f"--max_seq_length {max_seq_length} is longer than the {positions} "
                          f"positions of {flag} {name}; use at most {positions}")
+
+
+def max_positions(config):
+    """How many positions the model has an embedding for (GPT-2 names it n_positions)."""
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
 
 # `from_pretrained` is not thread-safe: while it builds a model it makes every parameter that

@@ -87,7 +87,7 @@ class MetricsLog:
         """Keep the events up to `step` (None: none), where the run continues: a resumed
         run logs the later steps again, and a run that starts afresh owns the whole log. A
         line cut short by a kill is dropped too."""
-        if not self.is_master or not self.path.exists():
+        if not self.path.exists():  # called on the master only (checkpoint.master_writes)
             return
         kept = []
         for line in self.path.read_text(encoding="utf-8").splitlines():
