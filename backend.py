@@ -2,10 +2,13 @@
 which one it is on. `Backend` is the CPU or one CUDA GPU in one process; `XlaBackend`
 overrides what differs when the same loop runs on every core of a TPU host, one replica per
 core through `xmp.spawn` (the replicas then all-reduce gradients and losses, meet at
-barriers and agree on when to stop). Also here: turning Ctrl-C and SIGTERM into a flag the
-loop checks between steps, and what a replica does when it fails alone.
+barriers and agree on when to stop); `TorchrunBackend` does the same for the processes that
+`torchrun` starts, one per GPU (or several on a CPU), on one host or many. Also here:
+turning Ctrl-C and SIGTERM into a flag the loop checks between steps, and what a replica
+does when it fails alone.
 
-A CPU/GPU-only copy of the loop can drop `XlaBackend`, `spawn_replicas` and `run_replica`.
+A CPU/GPU-only copy of the loop can drop `XlaBackend`, `spawn_replicas` and `Replica`; a
+single-process one `TorchrunBackend` too.
 """
 import contextlib
 import importlib.util
@@ -23,10 +26,12 @@ from model import cpu_copy
 
 
 def choose_device(device, tpu_cores=None):
-    """'xla', 'cuda' or 'cpu' for `--device` and the tutorial's `--tpu_cores`."""
+    """'xla', 'cuda' or 'cpu' for `--device` and the tutorial's `--tpu_cores`. Under torchrun
+    (its variables in the environment) this process is one of several, on a GPU of its own
+    or on the CPU: `run_process` joins it to the others."""
     if device != "auto":
         kind = device
-    elif tpu_cores == 0:
+    elif tpu_cores == 0 or started_by_torchrun():
         kind = "cuda" if torch.cuda.is_available() else "cpu"
     elif tpu_cores or xla_accelerator():
         kind = "xla"
@@ -34,10 +39,37 @@ def choose_device(device, tpu_cores=None):
         kind = "cuda" if torch.cuda.is_available() else "cpu"
     if kind == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
+    if kind == "xla" and started_by_torchrun():
+        raise InputError("torchrun starts CPU or GPU processes; on a TPU run `python train.py` "
+                         "(on every host of a pod), which starts a replica per core itself")
     if kind == "xla" and importlib.util.find_spec("torch_xla") is None:
         raise InputError("--device xla: torch_xla is not installed; "
                          "pip install torch_xla with the same version as torch")
+    if kind == "cuda" and started_by_torchrun():
+        check_gpu_per_process()
     return kind
+
+
+def started_by_torchrun():
+    """torchrun sets these for every process it starts."""
+    return all(name in os.environ for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+
+
+def first_on_host():
+    """True but in torchrun's processes after the first on each host (LOCAL_RANK 0), which
+    alone prepares the run, holds the directory lock and prints the errors that every
+    process raises together."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def check_gpu_per_process():
+    processes, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count()
+    if processes > gpus:
+        if not first_on_host():
+            raise SystemExit(1)  # the first process says why
+        raise InputError(f"torchrun --nproc_per_node {processes}: this host has {gpus} "
+                         f"GPU{'s' * (gpus != 1)}, one per process; use --nproc_per_node "
+                         f"{gpus} or fewer")
 
 
 def xla_accelerator():
@@ -99,6 +131,12 @@ class Backend:
 
     def all_reduce_sum(self, tensor):
         return tensor
+
+    def micro_batches(self, model, window):
+        """(what to run the forward through, micro-batch) for each micro-batch of a step:
+        here the model itself."""
+        for batch in window:
+            yield model, batch
 
     def reduce_gradients(self, optimizer):
         pass
@@ -248,6 +286,91 @@ class XlaBackend(Backend):
         return cpu_copy(model)
 
 
+class TorchrunBackend(Backend):
+    """One of the processes that `torchrun` starts: one per GPU (NCCL), or several on a CPU
+    (gloo), on one host or many. Every process runs the whole script; RANK, LOCAL_RANK and
+    WORLD_SIZE in its environment say which it is."""
+
+    def __init__(self, kind, precision):
+        import torch.distributed as dist
+        self.dist = dist
+        self.rank, self.world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if kind == "cuda":
+            torch.cuda.set_device(local_rank)  # before NCCL starts: its GPU is this one
+        super().__init__(kind, precision)
+        self.device = torch.device(kind, local_rank if kind == "cuda" else None)
+        # Gradients and losses live on the GPU and go through NCCL; flags and barrier
+        # payloads are CPU tensors and go through gloo, so agreeing on a stop never waits
+        # for the GPU's queue. MASTER_ADDR and MASTER_PORT come from torchrun.
+        dist.init_process_group("cpu:gloo,cuda:nccl" if kind == "cuda" else "gloo")
+        self.barrier("started")  # the host's first process has prepared the run (main)
+        self.ddp = None
+        self.base_seed = 0  # set by seed()
+
+    def describe(self):
+        name = torch.cuda.get_device_name() if self.device.type == "cuda" else "CPU"
+        group = "NCCL" if self.device.type == "cuda" else "gloo"
+        return (f"{self.device.type} ({name}), torchrun: {self.world_size} processes over "
+                f"{group}, {self.precision}")
+
+    def micro_batches(self, model, window):
+        # DDP rather than one all-reduce after the backward: it all-reduces the gradients in
+        # buckets while the backward still computes the earlier layers', which hides most of
+        # the communication on GPUs. It averages them over the processes, as
+        # accumulate_gradients expects, and only in the backward of a step's last
+        # micro-batch (`require_backward_grad_sync` is what DDP's no_sync() clears). It
+        # wraps the model the loop holds, so evaluation and saving use that one, unwrapped.
+        # Buffers are not broadcast: GPT-2's are constants.
+        if self.ddp is None or self.ddp.module is not model:
+            from torch.nn.parallel import DistributedDataParallel
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(model, device_ids=device_ids,
+                                               broadcast_buffers=False)
+        for i, batch in enumerate(window):
+            self.ddp.require_backward_grad_sync = i == len(window) - 1
+            yield self.ddp, batch
+
+    def reduce_gradients(self, optimizer):
+        pass  # DDP averaged them in the backward (micro_batches)
+
+    def all_reduce_sum(self, tensor):
+        tensor = tensor.clone()  # all_reduce works in place
+        self.dist.all_reduce(tensor)
+        return tensor
+
+    def any_replica(self, flag):
+        flag = torch.tensor([float(flag)])  # on the CPU: gloo, no wait for the GPU
+        self.dist.all_reduce(flag, op=self.dist.ReduceOp.MAX)
+        return flag.item() > 0
+
+    def stoppable(self, batches):
+        # As on XLA: the processes must leave an evaluation together (its shards may differ
+        # by a batch, so they cannot agree at every batch): they finish it and stop at the
+        # next report step.
+        return super().stoppable(batches) if self.world_size == 1 else batches
+
+    def barrier(self, name, payload=b""):
+        payloads = [None] * self.world_size
+        self.dist.all_gather_object(payloads, payload)
+        return payloads
+
+    def seed(self, seed):
+        torch.manual_seed(seed)  # the same on every process while it sets up (one model)
+        self.base_seed = seed
+
+    def seed_step(self, step):
+        """From the first step on, each process draws dropout masks of its own, as one
+        device does for the rows of one batch; a resumed run restores each process's
+        generator instead (rng_state_<rank>.pt)."""
+        if step == 0:
+            torch.manual_seed(self.base_seed + 1_000_003 * self.rank)
+
+    def close(self):
+        self.ddp = None  # DDP's reducer first: it uses the process group while it ends
+        self.dist.destroy_process_group()
+
+
 # --------------------------------------------------------------------------- signals
 
 class Interrupted(Exception):
@@ -296,6 +419,31 @@ class StopSignal:
 
 
 # --------------------------------------------------------------------------- replicas
+
+def run_process(train, args, kind, agreed=()):
+    """Run `train` in this process: alone, or as one of those torchrun starts."""
+    if not started_by_torchrun():
+        StopSignal.install()
+        return train(Backend(kind, args.precision), args)
+    backend = TorchrunBackend(kind, args.precision)  # waits for every process
+    # Only now: until every process is up, torchrun ends a waiting one with SIGTERM when
+    # another fails to start.
+    StopSignal.install()
+    try:
+        train(backend, args)
+    except agreed as error:
+        # Leaving together. Once one process has left, torchrun sends SIGTERM to the others:
+        # with nothing left to save, it must not end them as a second signal would.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
+        backend.close()
+        if not first_on_host():  # every process raised it: the host's first prints it
+            raise SystemExit(128 + error.signum if isinstance(error, Interrupted) else 1)
+        raise
+    # Not after other errors: they may have reached one process alone, and torchrun ends
+    # the others, which may be waiting for it.
+    backend.close()
+
 
 def spawn_replicas(train, args, one_core=False, agreed=()):
     """Run `train(XlaBackend, args)` on every XLA device (one, with `one_core`)."""

@@ -28,6 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 import data
+from backend import first_on_host
 from data import InputError
 from model import cpu_state_dict, save_pretrained
 
@@ -325,8 +326,9 @@ def check_output_shared(backend, out):
         seen = False
     if backend.any_replica(not seen):
         raise InputError(f"--downstream_model_dir {out}: some replicas cannot see what the "
-                         f"master writes there; on a TPU pod it must be storage every host "
-                         f"sees (NFS, a Filestore or GCS FUSE mount), at the same path")
+                         f"master writes there; on several hosts (a TPU pod, torchrun --nnodes) "
+                         f"it must be storage every host sees (NFS, a Filestore or GCS FUSE "
+                         f"mount), at the same path")
 
 
 def check_resume_args(saved, args, run_facts, warn=True):
@@ -342,8 +344,8 @@ def check_resume_args(saved, args, run_facts, warn=True):
     if "world_size" in fatal:
         raise InputError(f"--resume: the checkpoint was trained on {saved.get('world_size')} "
                          f"replicas and this run has {world_size}; resume on as many devices "
-                         f"(CPU_NUM_DEVICES on the CPU, the same TPU), or start a new "
-                         f"--downstream_model_dir")
+                         f"(torchrun's --nnodes x --nproc_per_node, CPU_NUM_DEVICES for XLA "
+                         f"on the CPU, the same TPU), or start a new --downstream_model_dir")
     if fatal:
         k = fatal[0]
         raise InputError(f"--resume: --{k} is {current[k]!r} but the checkpoint was trained "
@@ -397,12 +399,17 @@ def apply_hyperparameters(optimizer, scheduler, args):
 def exclusive(directory):
     """Hold a lock on the output directory so two runs cannot write into it at once. The
     operating system releases it when the process ends, however it ends. On a TPU pod every
-    host runs this script on the same shared folder: one lock per host."""
+    host runs this script on the same shared folder, and so does every node of a torchrun
+    (GROUP_RANK): one lock per host, held by its first process."""
+    if not first_on_host():  # torchrun's other processes on this host: the first holds it
+        yield
+        return
     directory = Path(directory)
-    worker = os.environ.get("TPU_WORKER_ID")
+    worker, node = os.environ.get("TPU_WORKER_ID"), int(os.environ.get("GROUP_RANK", 0))
+    name = f".lock-worker{worker}" if worker else f".lock-node{node}" if node else ".lock"
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        lock = open(directory / (f".lock-worker{worker}" if worker else ".lock"), "a+")
+        lock = open(directory / name, "a+")
     except OSError as e:
         raise InputError(f"--downstream_model_dir {directory} cannot be written "
                          f"({data.first_line(e)}); choose a writable directory") from None

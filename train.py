@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 import data
 import polarity
 import sched
-from backend import (Backend, Interrupted, StopRequested, StopSignal, choose_device,
-                     spawn_replicas)
+from backend import (Interrupted, StopRequested, StopSignal, choose_device, first_on_host,
+                     run_process, spawn_replicas)
 from checkpoint import (CheckpointError, NonFiniteLoss, Progress, agreed_checkpoint,
                         check_fresh_start, check_output_shared, corpus_digest, exclusive,
                         export_best, find_resume_checkpoint, master_writes, restore,
@@ -195,9 +195,9 @@ def accumulate_gradients(model, window, backend, loss_sum_fn=token_loss_sum):
     replicas. Returns this replica's loss sum and the global token count, on the device."""
     n_tokens = backend.all_reduce_sum(sum(count_targets(batch) for batch in window))
     loss_sum = torch.zeros((), device=backend.device)
-    for batch in window:
+    for replica, batch in backend.micro_batches(model, window):  # replica: DDP under torchrun
         with backend.autocast():
-            batch_loss = loss_sum_fn(model, batch)
+            batch_loss = loss_sum_fn(replica, batch)
         # Replica gradients are averaged, so each replica scales its share by world_size.
         (batch_loss * backend.world_size / n_tokens).backward()
         loss_sum += batch_loss.detach()
@@ -356,8 +356,8 @@ def due(step, every):
 # --------------------------------------------------------------------------- main
 
 def prepare(args):
-    """Work done once, before any replica starts: check the model name, find or download
-    the corpus, tokenize it into the cache. Replicas then only read the cache."""
+    """Work done once on each host, before its replicas start: check the model name, find
+    or download the corpus, tokenize it into the cache. Replicas then only read the cache."""
     check_fresh_start(args.downstream_model_dir, args.resume, args.overwrite_output_dir)
     if args.resume != "latest":  # a path: check it here, not in the replicas
         find_resume_checkpoint(args.resume, args.downstream_model_dir)
@@ -374,13 +374,13 @@ def main(argv=None):
     try:
         check_args(args)
         kind = choose_device(args.device, args.tpu_cores)
-        with exclusive(args.downstream_model_dir):
-            prepare(args)
+        with exclusive(args.downstream_model_dir):  # one lock per host
+            if first_on_host():  # torchrun runs main in every process: the others wait
+                prepare(args)
             if kind == "xla":
                 spawn_replicas(train, args, one_core=args.tpu_cores == 1, agreed=AGREED_ERRORS)
-            else:
-                StopSignal.install()
-                train(Backend(kind, args.precision), args)
+            else:  # this process alone, or one of those torchrun starts
+                run_process(train, args, kind, agreed=AGREED_ERRORS)
     except (InputError, CheckpointError, NonFiniteLoss) as e:
         if args.debug:
             raise

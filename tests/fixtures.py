@@ -66,13 +66,15 @@ def build_tokenizer(texts, out_dir, vocab_size=400):
     return tokenizer
 
 
-def build_model(out_dir, vocab_size, n_layer=2, n_embd=64, n_head=2, n_positions=128, seed=0):
+def build_model(out_dir, vocab_size, n_layer=2, n_embd=64, n_head=2, n_positions=128, seed=0,
+                **config):
+    """`config`: more GPT2Config settings, say resid_pdrop=0.0."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd,
                         n_layer=n_layer, n_head=n_head, bos_token_id=0, eos_token_id=1,
-                        pad_token_id=3)
+                        pad_token_id=3, **config)
     model = GPT2LMHeadModel(config)
     model.save_pretrained(out_dir)
     return model

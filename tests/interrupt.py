@@ -12,19 +12,24 @@ FAULT is one of
   sigterm-in-eval    SIGTERM as evaluation number STEP starts (1: the one before training)
   two-signals-in-eval  SIGINT, then SIGTERM, as evaluation number STEP starts
   best-disk-full every export of the best model fails as on a full disk
+  await-signal   after step STEP, wait (up to 2 minutes) for a signal sent from outside (to
+                 torchrun, say), so that the run surely stops at STEP, a report step
 
 On XLA the faults are set up in the replica process too: `xmp.spawn` starts it by importing
-this script again (as __mp_main__, with the same sys.argv).
+this script again (as __mp_main__, with the same sys.argv). Under torchrun every process
+runs this script.
 """
 import errno
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import checkpoint  # noqa: E402
 import train  # noqa: E402
+from backend import StopSignal  # noqa: E402
 
 
 def at_step(function, step, fault, step_of):
@@ -66,6 +71,14 @@ def install_fault():
     assert dashes == "--", __doc__
     if fault == "fail-replica":
         train.train_step = at_step(train.train_step, step, fail_in_replica_1, computing)
+    elif fault == "await-signal":
+        def wait_for_signal(function, *args):
+            result = function(*args)
+            deadline = time.monotonic() + 120
+            while StopSignal.signum is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return result
+        train.train_step = at_step(train.train_step, step, wait_for_signal, computing)
     elif fault in ("sigkill", "sigterm"):
         sig = signal.SIGKILL if fault == "sigkill" else signal.SIGTERM
         train.train_step = at_step(train.train_step, step, after(sig), computing)

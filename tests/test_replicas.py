@@ -155,8 +155,8 @@ def test_sigterm_to_the_launcher_saves_every_replica_once_and_resume_continues_e
     assert refused.returncode == 1
     assert refused.stderr.strip().splitlines()[-1] == (
         "error: --resume: the checkpoint was trained on 4 replicas and this run has 2; "
-        "resume on as many devices (CPU_NUM_DEVICES on the CPU, the same TPU), or start a "
-        "new --downstream_model_dir")
+        "resume on as many devices (torchrun's --nnodes x --nproc_per_node, CPU_NUM_DEVICES "
+        "for XLA on the CPU, the same TPU), or start a new --downstream_model_dir")
 
 
 @pytest.mark.parametrize("replicas", [1, 2])

@@ -1,0 +1,147 @@
+"""train.py under torchrun with 2 real CPU processes (gloo): they train what one process
+with twice the batch trains, and stopping, killing and resuming them loses nothing. Each
+run starts 2 processes on a 2-core machine, so the checks share a few runs."""
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+
+import checkpoint
+import fixtures
+from conftest import ROOT, read_metrics, run_train
+from test_replicas import assert_same_run, max_weight_difference, trained_steps, wait_for
+
+
+def torchrun_command(args, script="train.py", nproc=2):
+    # --standalone: a rendezvous on a free local port, so runs never collide.
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--standalone", str(ROOT / script), *args]
+
+
+def start_torchrun(args, script="train.py"):
+    return subprocess.Popen(torchrun_command(args, script), cwd=ROOT, env=os.environ,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def torchrun(args, script="train.py", timeout=300):
+    """Run to the end; returns (exit status, stdout, stderr). torchrun's processes live in
+    sessions of their own, so a run that hangs is ended through torchrun, which passes
+    SIGTERM on and kills what is left 30 s later."""
+    process = start_torchrun(args, script)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.terminate()
+        stdout, stderr = process.communicate(timeout=60)
+        pytest.fail(f"torchrun did not finish in {timeout} s (a hang?); it printed:\n"
+                    f"{(stdout + stderr)[-4000:]}", pytrace=False)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def run_args(model, corpus, out, batch_size, *extra):
+    return ["--pretrained_model_name", str(model), "--downstream_corpus_root_dir", str(corpus),
+            "--downstream_model_dir", str(out), "--cache_dir", str(out.parent / "cache"),
+            "--batch_size", str(batch_size), "--learning_rate", "1e-3", "--log_every", "1",
+            "--device", "cpu", *extra]
+
+
+@pytest.fixture(scope="module")
+def dropout_free_model(tmp_path_factory):
+    """The tests' tiny model without dropout, so that any split of a batch computes one
+    function."""
+    texts = [doc for doc, _ in fixtures.make_reviews(400)] + ['"최고의 영화" 라고']
+    return fixtures.build_tiny_kogpt2(tmp_path_factory.mktemp("dropout-free"), texts,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+def test_two_processes_train_what_one_process_with_a_double_batch_trains(
+        dropout_free_model, corpus, tmp_path):
+    """2 x 16 examples, and 2 x 8 x 2 accumulated (DDP syncs on the last micro-batch
+    only), against one process with 32: the same losses, evaluations and weights."""
+    reference = tmp_path / "one"
+    result = run_train(run_args(dropout_free_model, corpus, reference, 32, "--max_steps", "4"))
+    assert result.returncode == 0, result.stderr
+    for name, batch, accumulation in [("two", 16, 1), ("two-accumulating", 8, 2)]:
+        out = tmp_path / name
+        result = torchrun(run_args(dropout_free_model, corpus, out, batch, "--max_steps", "4",
+                                   "--grad_accum_steps", str(accumulation)))
+        assert result.returncode == 0, result.stderr
+        assert "cpu (CPU), torchrun: 2 processes over gloo, fp32" in result.stdout
+        assert f"{batch} x 2 replicas x {accumulation} accumulation = 32 examples" in result.stdout
+        assert result.stdout.count("done: best val_loss") == 1  # the master alone reports
+
+        ours, theirs = read_metrics(out), read_metrics(reference)
+        assert [(e["event"], e["step"]) for e in ours] == [(e["event"], e["step"]) for e in theirs]
+        for a, b in zip(ours, theirs):
+            if a["event"] == "eval":  # each process scores its shard; the sums are reduced
+                assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
+                assert a["polarity_accuracy"] == b["polarity_accuracy"]
+            else:  # the global token-mean loss, each step over the same 32 examples
+                assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+                assert a["lr"] == b["lr"]
+        assert max_weight_difference(out / "checkpoint-4", reference / "checkpoint-4") < 1e-5
+        assert max_weight_difference(out, out / "checkpoint-4") == 0  # the best model, once
+        assert sorted(p.name for p in (out / "checkpoint-4").glob("rng_state_*.pt")) == [
+            "rng_state_0.pt", "rng_state_1.pt"]
+
+
+def test_sigterm_kill_9_and_resume_at_2_processes_end_as_an_uninterrupted_run(
+        tiny_model, corpus, tmp_path):
+    """Dropout on, so each process's random state must continue exactly. One run is
+    stopped three ways in turn (SIGTERM to torchrun, SIGTERM in each process, kill -9),
+    resumed each time with --resume latest, and ends as the uninterrupted run does; then
+    one process is refused the 2-process checkpoint in one line."""
+    run = ["--max_steps", "12", "--save_every_steps", "4", "--log_every", "2",
+           "--keep_checkpoints", "5"]
+    reference = tmp_path / "reference"
+    result = torchrun(run_args(tiny_model, corpus, reference, 16, *run))
+    assert result.returncode == 0, result.stderr
+
+    out = tmp_path / "out"
+    args = run_args(tiny_model, corpus, out, 16, *run)
+    # SIGTERM to torchrun, which passes it on to each process (a preempted machine, `kill`).
+    process = start_torchrun(["await-signal", "2", "--", *args], "tests/interrupt.py")
+    try:
+        wait_for(lambda: (out / "metrics.jsonl").exists(), process, "the first evaluation")
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.terminate()
+    assert stderr.count("stopped by SIGTERM at step 2: saved") == 1, stderr  # rank 0 says it
+    assert "Unable to shutdown process" not in stderr  # torchrun did not have to kill one
+    assert [p.name for p in checkpoint.checkpoints(out)] == ["checkpoint-2"]
+    assert checkpoint.is_complete(out / "checkpoint-2")
+    assert trained_steps(out) == [2]
+
+    # SIGTERM in each process after step 6: each saves its part once and exits 143.
+    stopped = torchrun(["sigterm", "6", "--", *args, "--resume", "latest"],
+                       script="tests/interrupt.py")
+    assert stopped.stderr.count("stopped by SIGTERM at step 6: saved") == 1, stopped.stderr
+    # torchrun reports the processes it saw end (one or both): each with status 143.
+    assert set(re.findall(r"exitcode *: (-?\d+)", stopped.stderr)) == {"143"}, stopped.stderr
+    assert "again" not in stopped.stderr  # torchrun's own SIGTERM to the last one is ignored
+    assert [p.name for p in checkpoint.checkpoints(out)] == ["checkpoint-6", "checkpoint-4",
+                                                             "checkpoint-2"]
+    assert sorted(p.name for p in (out / "checkpoint-6").glob("rng_state_*.pt")) == [
+        "rng_state_0.pt", "rng_state_1.pt"]
+
+    # kill -9 of both processes two steps after checkpoint-8.
+    killed = torchrun(["sigkill", "10", "--", *args, "--resume", "latest"],
+                      script="tests/interrupt.py")
+    assert killed.returncode != 0
+    assert checkpoint.latest_checkpoint(out).name == "checkpoint-8"
+
+    resumed = torchrun(args + ["--resume", "latest"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "(step 8," in resumed.stdout
+    assert_same_run(out, reference)
+
+    alone = run_train(args + ["--resume", "latest"])
+    assert alone.returncode == 1
+    assert alone.stderr.strip().splitlines()[-1] == (
+        "error: --resume: the checkpoint was trained on 2 replicas and this run has 1; "
+        "resume on as many devices (torchrun's --nnodes x --nproc_per_node, CPU_NUM_DEVICES "
+        "for XLA on the CPU, the same TPU), or start a new --downstream_model_dir")
