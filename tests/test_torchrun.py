@@ -4,6 +4,7 @@ run starts 2 processes on a 2-core machine, so the checks share a few runs."""
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 
@@ -41,6 +42,26 @@ def torchrun(args, script="train.py", timeout=300):
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
+def two_hosts(args, timeout=300):
+    """Two torchrun commands of one process each, as two hosts (nodes 0 and 1) that meet at
+    a rendezvous on this machine; returns node 0's CompletedProcess after both end."""
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(k),
+         "--nproc_per_node", "1", "--rdzv_endpoint", f"localhost:{port}", str(ROOT / "train.py"),
+         *args], cwd=ROOT, env=os.environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for k in (0, 1)]
+    try:
+        outputs = [node.communicate(timeout=timeout) for node in nodes]
+    finally:
+        for node in nodes:
+            node.terminate()
+    assert nodes[1].returncode == 0, outputs[1][1]
+    return subprocess.CompletedProcess(nodes[0].args, nodes[0].returncode, *outputs[0])
+
+
 def run_args(model, corpus, out, batch_size, *extra):
     return ["--pretrained_model_name", str(model), "--downstream_corpus_root_dir", str(corpus),
             "--downstream_model_dir", str(out), "--cache_dir", str(out.parent / "cache"),
@@ -59,15 +80,17 @@ def dropout_free_model(tmp_path_factory):
 
 def test_two_processes_train_what_one_process_with_a_double_batch_trains(
         dropout_free_model, corpus, tmp_path):
-    """2 x 16 examples, and 2 x 8 x 2 accumulated (DDP syncs on the last micro-batch
-    only), against one process with 32: the same losses, evaluations and weights."""
+    """2 processes x 16 examples on one host, and 2 hosts x 1 process x 8 examples x 2
+    accumulated (DDP syncs on the last micro-batch only), against one process with 32: the
+    same losses, evaluations and weights."""
     reference = tmp_path / "one"
     result = run_train(run_args(dropout_free_model, corpus, reference, 32, "--max_steps", "4"))
     assert result.returncode == 0, result.stderr
-    for name, batch, accumulation in [("two", 16, 1), ("two-accumulating", 8, 2)]:
+    for name, batch, accumulation, launch in [("one-host", 16, 1, torchrun),
+                                              ("two-hosts", 8, 2, two_hosts)]:
         out = tmp_path / name
-        result = torchrun(run_args(dropout_free_model, corpus, out, batch, "--max_steps", "4",
-                                   "--grad_accum_steps", str(accumulation)))
+        result = launch(run_args(dropout_free_model, corpus, out, batch, "--max_steps", "4",
+                                 "--grad_accum_steps", str(accumulation)))
         assert result.returncode == 0, result.stderr
         assert "cpu (CPU), torchrun: 2 processes over gloo, fp32" in result.stdout
         assert f"{batch} x 2 replicas x {accumulation} accumulation = 32 examples" in result.stdout
@@ -86,6 +109,7 @@ def test_two_processes_train_what_one_process_with_a_double_batch_trains(
         assert max_weight_difference(out, out / "checkpoint-4") == 0  # the best model, once
         assert sorted(p.name for p in (out / "checkpoint-4").glob("rng_state_*.pt")) == [
             "rng_state_0.pt", "rng_state_1.pt"]
+    assert (tmp_path / "two-hosts" / ".lock-node1").exists()  # each host holds a lock
 
 
 def test_sigterm_kill_9_and_resume_at_2_processes_end_as_an_uninterrupted_run(
@@ -106,6 +130,8 @@ def test_sigterm_kill_9_and_resume_at_2_processes_end_as_an_uninterrupted_run(
     process = start_torchrun(["await-signal", "2", "--", *args], "tests/interrupt.py")
     try:
         wait_for(lambda: (out / "metrics.jsonl").exists(), process, "the first evaluation")
+        second = run_train(args + ["--resume", "latest"])  # the first process holds the lock
+        assert second.returncode == 1 and "is in use by another training run" in second.stderr
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=120)
     finally:
