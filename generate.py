@@ -30,8 +30,8 @@ import data
 from backend import Backend
 from data import POLARITY, InputError
 from model import load_model, load_tokenizer, max_positions
-from polarity import (GUIDANCE, SAMPLING, control_accuracy, judge_of, polarity_accuracy,
-                      prompt_ids, write_reviews)
+from polarity import (GUIDANCE, SAMPLING, control_accuracy, judge_of, other_word,
+                      polarity_accuracy, prompt_ids, write_reviews)
 
 
 # --------------------------------------------------------------------------- main
@@ -162,6 +162,8 @@ def check_review_fits(args, model, tokenizer):
     if not positions:
         return
     words = polarity_words(args.polarity)
+    if args.guidance != 1:  # guidance runs the other word with the prompt too: it must fit
+        words += [other_word(word) for word in words]
     prompt = max(prompt_ids(tokenizer, word, args.prompt).shape[1] for word in words)
     if prompt >= positions:
         with_word = " with the polarity word" if any(words) else ""
