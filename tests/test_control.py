@@ -167,3 +167,23 @@ def test_the_final_evaluation_reports_control_accuracy_on_xla_replicas(train_arg
     assert result.returncode == 0, result.stderr
     final = read_metrics(tmp_path / "out", "eval")[-1]
     assert final["step"] == 2 and 0 <= final["control_accuracy"] <= 1
+
+
+def test_the_benchmark_prints_the_guidance_table_and_both_recipes(tiny_model, corpus, tmp_path):
+    """benchmarks/polarity_control.py end to end at a tiny size (its figures mean nothing)."""
+    result = run_train(["--pretrained_model_name", str(tiny_model),
+                        "--downstream_corpus_root_dir", str(corpus), "--work_dir",
+                        str(tmp_path / "work"), "--cache_dir", str(tmp_path / "cache"),
+                        "--max_steps", "2", "--batch_size", "16", "--val_reviews", "0",
+                        "--samples", "4", "--guidance", "1", "2", "--device", "cpu"],
+                       script="benchmarks/polarity_control.py")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split(" |")[0] for line in lines if line.startswith(("| 1 |", "| 2 |"))] == [
+        "| 1", "| 2"]
+    assert any(line.startswith("| ours | ") for line in lines)
+    assert any(line.startswith("| seed's recipe | ") for line in lines)
+    # The seed's recipe trained its padding as text: its own log counts every position.
+    seed_log = read_metrics(tmp_path / "work" / "seed-recipe", "train")
+    ours_log = read_metrics(tmp_path / "work" / "ours", "train")
+    assert seed_log[0]["loss"] != ours_log[0]["loss"]
