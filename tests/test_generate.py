@@ -189,5 +189,6 @@ def test_evaluating_does_not_change_training(train_args, tmp_path):
     quiet = read_metrics(tmp_path / "quiet", "eval")  # before training and at the end
     assert [e["step"] for e in quiet] == [0, 6]
     assert "polarity_accuracy" not in quiet[-1] and "samples" in quiet[-1]
+    assert "control_accuracy" not in quiet[-1]  # --polarity_eval_size 0 skips it too
     assert len(read_metrics(tmp_path / "busy", "eval")) == 7
     assert losses[0] == losses[1]
