@@ -3,7 +3,8 @@ measure how well the model keeps the two polarities apart.
 
     python generate.py                                   # 5 positive, then 5 negative reviews
     python generate.py --polarity 부정 --prompt "이 영화" --num_samples 3
-    python generate.py --evaluate                        # polarity accuracy on NSMC's test file
+    python generate.py --evaluate                        # polarity and control accuracy
+    python generate.py --guidance 1                      # sampling without guidance
 
 The model is given exactly what training gave it: `긍정 prompt` tokenized without special
 tokens, with no token_type_ids, and it writes until `</s>`. Sampling runs on a GPU when
@@ -12,7 +13,12 @@ device compiles a new graph for almost every token.
 
 Polarity accuracy reads the fine-tuned model as a classifier: a review is called positive
 when log p(review</s> | 긍정) > log p(review</s> | 부정), scoring the review's tokens and
-`</s>`, never the polarity word itself.
+`</s>`, never the polarity word itself. Control accuracy reads the reviews the model writes:
+the share of them that an independent judge (judge.py, a character n-gram naive Bayes trained
+on the training file) finds in the polarity asked for.
+
+`--guidance G` steers each review towards its polarity with transformers' classifier-free
+guidance, the other polarity word as the negative prompt (polarity.guidance_arguments).
 """
 import argparse
 import math
@@ -24,7 +30,8 @@ import data
 from backend import Backend
 from data import POLARITY, InputError
 from model import load_model, load_tokenizer, max_positions
-from polarity import SAMPLING, polarity_accuracy, prompt_ids, write_reviews
+from polarity import (GUIDANCE, SAMPLING, control_accuracy, judge_of, other_word,
+                      polarity_accuracy, prompt_ids, write_reviews)
 
 
 # --------------------------------------------------------------------------- main
@@ -59,6 +66,10 @@ def parse_args(argv=None):
                         "favours them)")
     p.add_argument("--no_repeat_ngram_size", type=int, default=SAMPLING["no_repeat_ngram_size"],
                    help="never repeat a run of this many tokens (0: off)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help=f"classifier-free guidance: how far each token is pushed from what the "
+                        f"other polarity word would write (1: off; unset: {GUIDANCE:g}, or 1 "
+                        f"with --polarity none)")
     p.add_argument("--seed", type=int, default=7, help="the same seed writes the same reviews")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                    help="auto: CUDA when available, else the CPU (also for a model trained "
@@ -66,7 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--show_polarity", action="store_true",
                    help="print each review after its polarity word, as training saw it")
     p.add_argument("--evaluate", action="store_true",
-                   help="print the polarity accuracy on the validation file instead")
+                   help="print the polarity accuracy on the validation file, and the "
+                        "control accuracy of reviews written by the model, instead")
     p.add_argument("--downstream_corpus_root_dir", default="~/Korpora",
                    help="--evaluate: holds nsmc/ratings_test.txt, the reviews scored")
     p.add_argument("--downstream_corpus_name", default="nsmc",
@@ -74,6 +86,12 @@ def parse_args(argv=None):
                         "or the absolute path of one")
     p.add_argument("--val_file", default=None,
                    help="--evaluate: score this labelled file instead (any layout train.py reads)")
+    p.add_argument("--train_file", default=None,
+                   help="--evaluate: the labelled file the judge of control accuracy learns "
+                        "from (unset: ratings_train.txt beside the validation file; with "
+                        "--val_file, no control accuracy)")
+    p.add_argument("--control_samples", type=int, default=100,
+                   help="--evaluate: reviews written for each polarity and judged (0: none)")
     p.add_argument("--polarity_eval_size", type=int, default=None,
                    help="--evaluate: score only N reviews, spread over the file (unset: all)")
     p.add_argument("--max_seq_length", type=int, default=32,
@@ -103,6 +121,10 @@ def check_args(args):
             raise InputError(f"--{name} must be 1 or more, got {getattr(args, name)}")
     if args.polarity_eval_size is not None and args.polarity_eval_size < 1:
         raise InputError(f"--polarity_eval_size must be 1 or more, got {args.polarity_eval_size}")
+    if args.control_samples < 0:
+        raise InputError(f"--control_samples must be 0 or more (0: none), got "
+                         f"{args.control_samples}")
+    check_guidance(args)
     # Each test says what is allowed, so that NaN fails it too: every comparison with NaN
     # is False, so a test of what is forbidden, such as `temperature < 0`, lets NaN through.
     sampling = [
@@ -120,6 +142,18 @@ def check_args(args):
             raise InputError(f"--{name} must be {what}, got {getattr(args, name)}")
 
 
+def check_guidance(args):
+    """Resolve --guidance: the default for a model with polarity words, off without them."""
+    if args.guidance is None:
+        args.guidance = 1.0 if args.polarity == "none" else GUIDANCE
+    elif not (math.isfinite(args.guidance) and args.guidance >= 1):
+        raise InputError(f"--guidance must be a finite number, 1 or more (1: off), got "
+                         f"{args.guidance}")
+    elif args.polarity == "none" and args.guidance != 1:
+        raise InputError("--guidance contrasts the two polarity words, and --polarity none "
+                         "has none; leave --guidance out")
+
+
 def check_review_fits(args, model, tokenizer):
     """Refuse a --prompt or --max_new_tokens that runs past the model's positions: GPT-2
     learns an embedding for each of its n_positions positions and has none beyond, so
@@ -128,6 +162,8 @@ def check_review_fits(args, model, tokenizer):
     if not positions:
         return
     words = polarity_words(args.polarity)
+    if args.guidance != 1:  # guidance runs the other word with the prompt too: it must fit
+        words += [other_word(word) for word in words]
     prompt = max(prompt_ids(tokenizer, word, args.prompt).shape[1] for word in words)
     if prompt >= positions:
         with_word = " with the polarity word" if any(words) else ""
@@ -155,31 +191,59 @@ def choose_device(name):
     return torch.device(name)
 
 
+def sampling_settings(args):
+    return dict(max_new_tokens=args.max_new_tokens, top_k=args.top_k, top_p=args.top_p,
+                temperature=args.temperature, repetition_penalty=args.repetition_penalty,
+                no_repeat_ngram_size=args.no_repeat_ngram_size)
+
+
 def print_reviews(args, model, tokenizer):
-    settings = dict(max_new_tokens=args.max_new_tokens, top_k=args.top_k, top_p=args.top_p,
-                    temperature=args.temperature, repetition_penalty=args.repetition_penalty,
-                    no_repeat_ngram_size=args.no_repeat_ngram_size)
+    settings = sampling_settings(args)
     # Each polarity starts from the same seed: where their reviews differ, the polarity
     # word made the difference.
     for polarity in polarity_words(args.polarity):
         for review in write_reviews(model, tokenizer, polarity, settings, args.prompt,
-                                    args.num_samples, args.seed):
+                                    args.num_samples, args.seed, args.guidance):
             print(f"{polarity} {review}".strip() if args.show_polarity else review, flush=True)
 
 
-def print_polarity_accuracy(args, model, tokenizer):
+def evaluation_files(args):
+    """(training file or None, validation file) for --evaluate."""
     if args.val_file:
-        val_file = data.given_file("--val_file", args.val_file)
-    else:
-        val_file = data.corpus_files(args.downstream_corpus_root_dir,
-                                     args.downstream_corpus_name)[1]
+        train_file = args.train_file and data.given_file("--train_file", args.train_file)
+        return train_file, data.given_file("--val_file", args.val_file)
+    train_file, val_file = data.corpus_files(args.downstream_corpus_root_dir,
+                                             args.downstream_corpus_name)
+    return (data.given_file("--train_file", args.train_file) if args.train_file
+            else train_file), val_file
+
+
+def print_evaluation(args, model, tokenizer):
+    train_file, val_file = evaluation_files(args)
+    print_polarity_accuracy(args, model, tokenizer, val_file)
+    if not args.control_samples:
+        return
+    if train_file is None:
+        print("control accuracy: not measured: give --train_file, the labelled file the "
+              "judge learns from", flush=True)
+        return
+    judge = judge_of(train_file, val_file, args.cache_dir)
+    accuracy, _ = control_accuracy(model, tokenizer, judge, args.control_samples, args.seed,
+                                   args.guidance, sampling_settings(args))
+    print(f"control accuracy: {accuracy:.4f} of {2 * args.control_samples:,} reviews written "
+          f"with --guidance {args.guidance:g}, judged by a character n-gram naive Bayes "
+          f"trained on {train_file} ({judge.val_accuracy:.4f} accurate on {val_file})",
+          flush=True)
+
+
+def print_polarity_accuracy(args, model, tokenizer, val_file):
     features = data.load_features(val_file, tokenizer, args.max_seq_length, args.cache_dir)
     if features.labels is None or len(features) == 0:
         raise InputError(f"{val_file}: no labelled reviews, so there is no polarity to check")
     n = min(len(features), args.polarity_eval_size or len(features))
     accuracy = polarity_accuracy(model, tokenizer, features, Backend(model.device.type, "fp32"),
                                  args.batch_size, n)
-    print(f"polarity accuracy: {accuracy:.4f} on {n:,} reviews of {val_file}")
+    print(f"polarity accuracy: {accuracy:.4f} on {n:,} reviews of {val_file}", flush=True)
 
 
 def main(argv=None):
@@ -191,7 +255,7 @@ def main(argv=None):
         model = load_model(args.downstream_model_dir, tokenizer,
                            flag="--downstream_model_dir").to(device).eval()
         if args.evaluate:
-            print_polarity_accuracy(args, model, tokenizer)
+            print_evaluation(args, model, tokenizer)
         else:
             check_review_fits(args, model, tokenizer)
             print_reviews(args, model, tokenizer)

@@ -1,20 +1,29 @@
-"""Writing reviews of a polarity, and reading a model as a polarity classifier: shared by
-train.py (its evaluations) and generate.py (the command line).
+"""Writing reviews of a polarity, and measuring how well the model keeps the polarities
+apart: shared by train.py (its evaluations) and generate.py (the command line).
 
 The model is given exactly what training gave it: `긍정 prompt` tokenized without special
 tokens, with no token_type_ids, and it writes until `</s>`. Polarity accuracy calls a review
 positive when log p(review</s> | 긍정) > log p(review</s> | 부정), scoring the review's
-tokens and `</s>`, never the polarity word itself.
+tokens and `</s>`, never the polarity word itself. Control accuracy is the share of reviews
+the model writes that an independent judge (judge.py) finds in the polarity asked for.
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 
 import data
+import judge
 from data import POLARITY, InputError
 
 # How reviews are sampled: the command line's defaults, and train.py's samples.
 SAMPLING = dict(max_new_tokens=40, top_k=50, top_p=0.92, temperature=0.9,
                 repetition_penalty=1.2, no_repeat_ngram_size=3)
+# Classifier-free guidance: each token's log-probabilities given the requested polarity word
+# are pushed away from those given the other word, by this factor (1: off). Chosen by
+# measurement (benchmarks/polarity_control.py, README "Polarity control").
+GUIDANCE = 2.0
+CONTROL_SAMPLES = 100  # reviews of each polarity that train.py's evaluations write and judge
 
 
 # --------------------------------------------------------------------------- writing reviews
@@ -27,11 +36,31 @@ def prompt_ids(tokenizer, polarity, prompt=""):
     return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
 
 
+def other_word(polarity):
+    """The polarity word that is not `polarity`."""
+    return next(word for word in POLARITY.values() if word != polarity)
+
+
+def guidance_arguments(tokenizer, polarity, prompt, guidance, rows, device):
+    """`generate`'s arguments for classifier-free guidance that contrasts `polarity` with
+    the other word: the next token's log-probabilities become
+    u + guidance * (c - u), c given `polarity prompt` and u given `other prompt`.
+    transformers runs the other word's branch itself, with a cache of its own, one row per
+    sequence generated (it does not expand the negative prompt to num_return_sequences)."""
+    if guidance == 1 or not polarity:  # no other word to contrast with a model without labels
+        return {}
+    negative = prompt_ids(tokenizer, other_word(polarity), prompt).to(device).expand(rows, -1)
+    return dict(guidance_scale=float(guidance), negative_prompt_ids=negative,
+                negative_prompt_attention_mask=torch.ones_like(negative))
+
+
 @torch.no_grad()
-def write_reviews(model, tokenizer, polarity, settings, prompt="", num_samples=1, seed=0):
+def write_reviews(model, tokenizer, polarity, settings, prompt="", num_samples=1, seed=0,
+                  guidance=1.0):
     """`num_samples` reviews of `polarity` (a POLARITY word, or "" for a model trained
     without labels) that continue `prompt`, from one batched `generate` call, each decoded
-    without the polarity word. `settings` are `generate`'s sampling arguments (SAMPLING).
+    without the polarity word. `settings` are `generate`'s sampling arguments (SAMPLING);
+    `guidance` above 1 steers the reviews towards `polarity` (see `guidance_arguments`).
 
     Temperature 0 is greedy decoding, the likeliest token each time: it has no randomness,
     so it writes one review whatever `num_samples`, and temperature, top_k and top_p have
@@ -45,13 +74,14 @@ def write_reviews(model, tokenizer, polarity, settings, prompt="", num_samples=1
                     if name not in ("temperature", "top_k", "top_p")}
         num_samples = 1
     input_ids = prompt_ids(tokenizer, polarity, prompt).to(model.device)
+    guided = guidance_arguments(tokenizer, polarity, prompt, guidance, num_samples, model.device)
     cuda = [model.device] if model.device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
         output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                 do_sample=not greedy, num_return_sequences=num_samples,
                                 eos_token_id=tokenizer.eos_token_id,
-                                pad_token_id=tokenizer.pad_token_id, **settings)
+                                pad_token_id=tokenizer.pad_token_id, **guided, **settings)
     # Whitespace splits the polarity word from the prompt, so it is the same tokens alone.
     skip = prompt_ids(tokenizer, polarity).shape[1] if polarity else 0
     return [tokenizer.decode(row[skip:], skip_special_tokens=True).strip() for row in output]
@@ -146,10 +176,57 @@ def polarity_accuracy(model, tokenizer, features, backend, batch_size, max_examp
     return correct / total
 
 
-def one_review_each(model, tokenizer, seed, max_new_tokens=20):
-    """One short review of each polarity, as train.py shows at each evaluation. Seeded, and
-    drawn without touching the training RNG, so a run with samples trains exactly as one
-    without."""
+# --------------------------------------------------------------------------- control accuracy
+
+def control_accuracy(model, tokenizer, judge_, num_samples, seed, guidance=GUIDANCE,
+                     settings=SAMPLING):
+    """The share of `num_samples` reviews written for each polarity that `judge_` (see
+    judge.py) finds in the polarity asked for; also the reviews, by label."""
+    reviews = {label: write_reviews(model, tokenizer, word, settings, "", num_samples, seed,
+                                    guidance)
+               for label, word in POLARITY.items()}
+    right = sum(predicted == label for label, texts in reviews.items()
+                for predicted in judge_.predict(texts))
+    return right / sum(len(texts) for texts in reviews.values()), reviews
+
+
+@functools.lru_cache(maxsize=4)
+def judge_of(train_file, val_file, cache_dir):
+    return judge.load_judge(train_file, val_file, cache_dir)
+
+
+def corpus_judge(args, corpus=None):
+    """The judge of control accuracy for train.py's corpus (`args`): trained on its training
+    file, checked on its validation file; None for a corpus without labels (given `corpus`,
+    its features, the files are not read to find out)."""
+    if corpus is not None and corpus[0].labels is None:
+        return None
+    files = data.corpus_files(args.downstream_corpus_root_dir, args.downstream_corpus_name,
+                              args.train_file, args.val_file)
+    return judge_of(*files, args.cache_dir)
+
+
+def written_reviews(model, tokenizer, backend, args, final):
+    """What train.py's evaluations show of the reviews the model writes, on the master only
+    (on the CPU for XLA: see backend.generation_model): one short review of each polarity,
+    and at the `final` evaluation (unless --polarity_eval_size 0) the control accuracy of
+    CONTROL_SAMPLES of each, with the judge's own accuracy beside it. Seeded, and drawn
+    without touching the training RNG, so a run with samples trains exactly as one without.
+    Only at the end: that is 200 reviews, each token computed twice under guidance."""
+    if not backend.is_master:
+        return {}
+    model = backend.generation_model(model)
+    result = {"samples": one_review_each(model, tokenizer, args.seed)}
+    if final and args.polarity_eval_size:
+        judge_ = corpus_judge(args)
+        result["control_accuracy"], _ = control_accuracy(model, tokenizer, judge_,
+                                                         CONTROL_SAMPLES, args.seed)
+        result["judge_accuracy"] = judge_.val_accuracy
+    return result
+
+
+def one_review_each(model, tokenizer, seed, max_new_tokens=20, guidance=GUIDANCE):
+    """One short review of each polarity, as train.py shows at each evaluation."""
     settings = {**SAMPLING, "max_new_tokens": max_new_tokens}
-    return {word: write_reviews(model, tokenizer, word, settings, seed=seed)[0]
+    return {word: write_reviews(model, tokenizer, word, settings, seed=seed, guidance=guidance)[0]
             for word in POLARITY.values()}

@@ -106,6 +106,9 @@ def print_evaluation(step, result):
     line = f"step {step}: val_loss {result['val_loss']:.4f} perplexity {result['perplexity']:.2f}"
     if "polarity_accuracy" in result:
         line += f" polarity_accuracy {result['polarity_accuracy']:.4f}"
+    if "control_accuracy" in result:  # the judge's own accuracy beside: the figure's ceiling
+        line += (f" control_accuracy {result['control_accuracy']:.4f} (judge "
+                 f"{result['judge_accuracy']:.4f} accurate on the validation file)")
     tqdm.write(line)
     for word, review in result.get("samples", {}).items():
         tqdm.write(f"  {word}: {review}")

@@ -117,7 +117,7 @@ def parse_args(argv=None):
     p.add_argument("--val_file", default=None, help="the validation file of --train_file")
     p.add_argument("--polarity_eval_size", type=int, default=1000,
                    help="validation reviews scored for polarity accuracy at each evaluation "
-                        "(0: none)")
+                        "(0: none, and no control accuracy either)")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     return p.parse_args(argv)
 
@@ -214,7 +214,7 @@ def param_groups(model, weight_decay):
 # --------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def evaluate(model, tokenizer, val_loader, backend, args, loss_sum_fn=token_loss_sum):
+def evaluate(model, tokenizer, val_loader, backend, args, loss_sum_fn=token_loss_sum, final=False):
     """Validation loss over every real token of the validation set (all replicas
     together), its perplexity, and how well the model keeps the polarities apart."""
     model.eval()
@@ -232,9 +232,8 @@ def evaluate(model, tokenizer, val_loader, backend, args, loss_sum_fn=token_loss
             result["polarity_accuracy"] = polarity.polarity_accuracy(
                 model, tokenizer, features, backend, args.batch_size, args.polarity_eval_size,
                 args.cpu_workers)
-        if backend.is_master:
-            result["samples"] = polarity.one_review_each(backend.generation_model(model),
-                                                         tokenizer, args.seed)
+        # The master writes reviews of each polarity; at the end a judge reads 200 of them.
+        result.update(polarity.written_reviews(model, tokenizer, backend, args, final))
     model.train()
     return result
 
@@ -284,8 +283,8 @@ def train(backend, args):
         print_banner(args, backend, train_features, val_features, steps_per_epoch,
                      total_steps, warmup, checkpoint, progress)
 
-    def evaluate_and_keep_best(export=True):
-        result = evaluate(model, tokenizer, val_loader, backend, args, loss_fn)
+    def evaluate_and_keep_best(export=True, final=False):
+        result = evaluate(model, tokenizer, val_loader, backend, args, loss_fn, final)
         if not math.isfinite(result["val_loss"]):
             raise NonFiniteLoss(f"validation loss is {result['val_loss']} at step {progress.step}")
         log.write({"event": "eval", **result}, progress.step)
@@ -297,7 +296,7 @@ def train(backend, args):
 
     if progress.step == 0 or progress.eval_pending:  # the starting point, for comparison
         try:
-            evaluate_and_keep_best(export=progress.step > 0)
+            evaluate_and_keep_best(export=progress.step > 0, final=progress.step == total_steps)
         except StopRequested:
             raise Interrupted.at(progress.step, StopSignal.signum, saved=progress.step > 0
                                  and checkpoint) from None
@@ -332,7 +331,7 @@ def train(backend, args):
                 paused = time.perf_counter()
                 try:
                     if epoch_done or last or due(progress.step, args.eval_every):
-                        evaluate_and_keep_best()  # before saving: the checkpoint keeps it
+                        evaluate_and_keep_best(final=last)  # before saving: the checkpoint keeps it
                 except StopRequested:  # mid-evaluation: the step is done, so save it
                     stopping = progress.eval_pending = True
                 if epoch_done or last or stopping or due(progress.step, args.save_every_steps):
@@ -362,7 +361,8 @@ def prepare(args):
     if args.resume != "latest":  # a path: check it here, not in the replicas
         find_resume_checkpoint(args.resume, args.downstream_model_dir)
     check_loadable(args.pretrained_model_name, "--pretrained_model_name", args.max_seq_length)
-    data.load_corpus(args, load_tokenizer(args.pretrained_model_name))
+    corpus = data.load_corpus(args, load_tokenizer(args.pretrained_model_name))
+    polarity.corpus_judge(args, corpus)  # the judge of control accuracy, trained once
 
 
 # Errors every replica raises together, which main turns into one line.

@@ -113,7 +113,7 @@ def test_fixed_shapes_count_every_review_once(untrained):
 
 
 def accuracy_printed(capsys, argv):
-    assert generate.main(argv) == 0
+    assert generate.main(argv + ["--control_samples", "0"]) == 0  # tests/test_control.py
     out = capsys.readouterr().out
     return float(re.fullmatch(r"polarity accuracy: ([\d.]+) on 64 reviews of .*\n", out).group(1))
 
@@ -189,5 +189,6 @@ def test_evaluating_does_not_change_training(train_args, tmp_path):
     quiet = read_metrics(tmp_path / "quiet", "eval")  # before training and at the end
     assert [e["step"] for e in quiet] == [0, 6]
     assert "polarity_accuracy" not in quiet[-1] and "samples" in quiet[-1]
+    assert "control_accuracy" not in quiet[-1]  # --polarity_eval_size 0 skips it too
     assert len(read_metrics(tmp_path / "busy", "eval")) == 7
     assert losses[0] == losses[1]

@@ -54,7 +54,8 @@ def test_temperature_0_is_greedy_decoding(tiny_model, model_args, capsys, caplog
         expected.append(tokenizer.decode(output[0, skip:], skip_special_tokens=True).strip())
 
     argv = model_args + ["--temperature", "0", "--prompt", "영화", "--max_new_tokens", "8",
-                         "--repetition_penalty", "1.2", "--no_repeat_ngram_size", "3"]
+                         "--repetition_penalty", "1.2", "--no_repeat_ngram_size", "3",
+                         "--guidance", "1"]  # plain greedy decoding, as above
     caplog.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

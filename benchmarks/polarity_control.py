@@ -1,0 +1,254 @@
+"""Polarity control, measured: fine-tune a model with train.py, then
+
+  (1) the guidance table: for each classifier-free guidance scale G, the control accuracy
+      of reviews written at G (the share an independent judge, judge.py, finds in the
+      polarity asked for), their diversity (distinct-1 and distinct-2: distinct token
+      n-grams over all n-grams of the samples) and their fluency (mean NLL per token of
+      the samples under the same model without guidance, given their polarity word);
+  (2) ours against the seed's recipe at the same budget: the seed trained padding as text
+      (pad_token = </s>, labels = input_ids, no -100), ours appends </s> once and masks the
+      padding. Both are compared on one validation NLL, ours (every real token, padding
+      excluded), and on likelihood polarity accuracy and control accuracy.
+
+    python benchmarks/polarity_control.py \\
+        --pretrained_model_name ../shared/models/kogpt2-standin \\
+        --downstream_corpus_root_dir ../shared/data
+
+Both fine-tunes run as `python train.py` processes (the seed's recipe through this script's
+--as_seed_recipe, which swaps in its batches and nothing else). A fine-tune whose last
+checkpoint is already in --work_dir is reused, so the tables can be printed again cheaply.
+The validation file is every k-th review of ratings_test.txt (--val_reviews of them), for
+training-time evaluations and for the comparison alike.
+"""
+import sys
+from pathlib import Path
+
+# train.py and its modules live one folder up; first on the path, because our sched.py
+# shares its name with a module of Python's standard library.
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+import data  # noqa: E402
+import polarity  # noqa: E402
+import train  # noqa: E402
+from backend import Backend  # noqa: E402
+from model import load_model, load_tokenizer, max_positions  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--pretrained_model_name", default="../shared/models/kogpt2-standin",
+                   help="the model to fine-tune (documented default: the workplace's "
+                        "stand-in, a small pretrained Korean GPT-2 with KoGPT2's tokenizer kind)")
+    p.add_argument("--downstream_corpus_root_dir", default="../shared/data",
+                   help="holds nsmc/ratings_train.txt and nsmc/ratings_test.txt")
+    p.add_argument("--work_dir", default="/tmp/polarity-control",
+                   help="fine-tuned models and the validation file; finished runs are reused")
+    p.add_argument("--cache_dir", default=str(data.default_cache_dir()))
+    p.add_argument("--max_steps", type=int, default=600)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--learning_rate", type=float, default=3e-4)
+    p.add_argument("--max_seq_length", type=int, default=32)
+    p.add_argument("--val_reviews", type=int, default=5000,
+                   help="validation reviews, spread over ratings_test.txt (0: all 50,000)")
+    p.add_argument("--samples", type=int, default=300, help="reviews written per polarity and G")
+    p.add_argument("--guidance", type=float, nargs="+", default=[1, 1.5, 2, 3, 4])
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--device", default="auto", help="train.py's --device for the fine-tunes")
+    p.add_argument("--skip_seed_recipe", action="store_true", help="print the G table only")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- the seed's recipe
+
+class SeedRecipeBatches(data.ReviewBatches):
+    """The tutorial's batches: every row padded to max_seq_length with </s> (its pad_token
+    was eos), and labels = input_ids, so the padding is trained as text."""
+
+    def __getitem__(self, indices):
+        self.fixed_shape = True  # padding="max_length"
+        batch = super().__getitem__(indices)
+        input_ids = batch["input_ids"].masked_fill(batch["labels"] == -100, self.eos_token_id)
+        return {"input_ids": input_ids, "attention_mask": batch["attention_mask"],
+                "labels": input_ids}
+
+
+def train_as_seed_recipe(argv):
+    """train.py's main with the seed's batches for training and its evaluations' loss."""
+    def make_loader(features, index_batches, tokenizer, backend, args):
+        dataset = SeedRecipeBatches(features, tokenizer.pad_token_id, True, args.batch_size)
+        dataset.eos_token_id = tokenizer.eos_token_id
+        return data.make_loader(dataset, index_batches, args.cpu_workers, backend.pin_memory)
+    train.make_loader = make_loader
+    return train.main(argv)
+
+
+# --------------------------------------------------------------------------- fine-tuning
+
+def validation_file(args, work):
+    """Every k-th review of ratings_test.txt, in NSMC's layout, so both labels stay even."""
+    lines = (Path(args.downstream_corpus_root_dir).expanduser() / "nsmc" /
+             "ratings_test.txt").read_text(encoding="utf-8").splitlines()
+    reviews = lines[1:]
+    step = max(1, len(reviews) // args.val_reviews) if args.val_reviews else 1
+    path = work / "val.txt"
+    path.write_text("\n".join([lines[0], *reviews[::step]]) + "\n", encoding="utf-8")
+    return path
+
+
+def fine_tune(args, out, val_file, seed_recipe=False):
+    """Run train.py (or the seed's recipe) unless `out` already holds its last checkpoint;
+    returns the checkpoint and the run's seconds (None when reused)."""
+    checkpoint = out / f"checkpoint-{args.max_steps}"
+    if checkpoint.is_dir():
+        return checkpoint, None
+    train_file = Path(args.downstream_corpus_root_dir).expanduser() / "nsmc" / "ratings_train.txt"
+    argv = ["--pretrained_model_name", args.pretrained_model_name, "--train_file",
+            str(train_file), "--val_file", str(val_file), "--downstream_model_dir", str(out),
+            "--cache_dir", args.cache_dir, "--max_steps", str(args.max_steps),
+            "--batch_size", str(args.batch_size), "--learning_rate", str(args.learning_rate),
+            "--max_seq_length", str(args.max_seq_length), "--seed", str(args.seed),
+            "--device", args.device, "--log_every", "50", "--overwrite_output_dir"]
+    script = [__file__, "--as_seed_recipe"] if seed_recipe else [str(ROOT / "train.py")]
+    started = time.perf_counter()
+    subprocess.run([sys.executable, *script, *argv], cwd=ROOT, check=True)
+    return checkpoint, time.perf_counter() - started
+
+
+# --------------------------------------------------------------------------- measures
+
+@torch.no_grad()
+def validation_nll(model, tokenizer, features, batch_size=64):
+    """Our validation loss: mean cross-entropy over every real token, padding excluded."""
+    dataset = data.ReviewBatches(features, tokenizer.pad_token_id, False, batch_size)
+    loss, tokens = 0.0, 0
+    for indices in data.eval_batches(len(dataset), batch_size, 1, 0):
+        batch = dataset[indices]
+        loss += train.token_loss_sum(model, batch).item()
+        tokens += train.count_targets(batch).item()
+    return loss / tokens
+
+
+def distinct(token_lists, n):
+    """Distinct n-grams over all n-grams of the samples (Li et al., 2016)."""
+    grams = [tuple(ids[i:i + n]) for ids in token_lists for i in range(len(ids) - n + 1)]
+    return len(set(grams)) / max(1, len(grams))
+
+
+@torch.no_grad()
+def fluency(model, tokenizer, reviews):
+    """Mean NLL per token of review</s> given its polarity word, under `model` (unguided)."""
+    nll, tokens = 0.0, 0
+    for label, texts in reviews.items():
+        texts = [text for text in texts if text.strip()]
+        if not texts:
+            continue
+        features = data.encode(data.Reviews(texts, [label] * len(texts)), tokenizer,
+                               max_positions(model.config) or 1024)
+        dataset = polarity.PolarityBatches(features, tokenizer, None, False, 64)
+        prefix = polarity.prompt_ids(tokenizer, data.POLARITY[label])
+        for indices in data.eval_batches(len(dataset), 64, 1, 0):
+            batch = dataset[indices]
+            nll -= polarity.review_log_prob(model, prefix, batch).sum().item()
+            tokens += (batch["labels"] != -100).sum().item()
+    return nll / tokens
+
+
+def guidance_row(model, tokenizer, judge, args, guidance):
+    accuracy, reviews = polarity.control_accuracy(model, tokenizer, judge, args.samples,
+                                                  args.seed, guidance)
+    token_lists = [tokenizer(text, add_special_tokens=False)["input_ids"]
+                   for texts in reviews.values() for text in texts]
+    return dict(guidance=guidance, control=accuracy, distinct1=distinct(token_lists, 1),
+                distinct2=distinct(token_lists, 2),
+                nll=fluency(model, tokenizer, reviews), examples=reviews)
+
+
+def load(checkpoint):
+    tokenizer = load_tokenizer(str(checkpoint))
+    return load_model(str(checkpoint), tokenizer).eval(), tokenizer
+
+
+# --------------------------------------------------------------------------- tables
+
+def print_guidance_table(rows):
+    print("\n| G | control accuracy | distinct-1 | distinct-2 | NLL/token (unguided model) |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['guidance']:g} | {row['control']:.3f} | {row['distinct1']:.3f} | "
+              f"{row['distinct2']:.3f} | {row['nll']:.3f} |")
+
+
+def print_comparison(results):
+    print(f"\n| recipe | val NLL (real tokens) | polarity accuracy (likelihood) | control "
+          f"accuracy, G=1 | control accuracy, G={polarity.GUIDANCE:g} | fine-tune s |")
+    print("|---|---|---|---|---|---|")
+    for name, r in results.items():
+        seconds = "reused" if r["seconds"] is None else f"{r['seconds']:.0f}"
+        print(f"| {name} | {r['val_nll']:.4f} | {r['polarity']:.3f} | {r['control_1']:.3f} | "
+              f"{r['control_g']:.3f} | {seconds} |")
+
+
+def measure_recipe(checkpoint, seconds, judge, val_features, args):
+    model, tokenizer = load(checkpoint)
+    control = {g: polarity.control_accuracy(model, tokenizer, judge, args.samples, args.seed,
+                                            g)[0] for g in (1, polarity.GUIDANCE)}
+    return dict(seconds=seconds, val_nll=validation_nll(model, tokenizer, val_features),
+                polarity=polarity.polarity_accuracy(model, tokenizer, val_features,
+                                                    Backend("cpu", "fp32"), 64),
+                control_1=control[1], control_g=control[polarity.GUIDANCE])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    work = Path(args.work_dir).expanduser()
+    work.mkdir(parents=True, exist_ok=True)
+    val_file = validation_file(args, work)
+    train_file = Path(args.downstream_corpus_root_dir).expanduser() / "nsmc" / "ratings_train.txt"
+    ours, ours_seconds = fine_tune(args, work / "ours", val_file)
+    judge = polarity.judge_of(train_file, val_file, args.cache_dir)
+    print(f"judge: character 1-3-gram naive Bayes trained on {train_file}, "
+          f"{judge.val_accuracy:.4f} accurate on {val_file}")
+
+    model, tokenizer = load(ours)
+    rows = [guidance_row(model, tokenizer, judge, args, g) for g in args.guidance]
+    print(f"\nours, {args.max_steps} steps at batch {args.batch_size}, lr {args.learning_rate:g}; "
+          f"{args.samples} reviews per polarity and G, seed {args.seed}, sampling "
+          f"{json.dumps(polarity.SAMPLING)}")
+    print_guidance_table(rows)
+    for row in rows:
+        if row["guidance"] in (1, polarity.GUIDANCE):
+            print(f"\nG={row['guidance']:g}, first reviews: "
+                  + " / ".join(texts[0] for texts in row["examples"].values()))
+    unguided = next((row for row in rows if row["guidance"] == 1), None)
+    chosen = next((row for row in rows if row["guidance"] == polarity.GUIDANCE), None)
+    if unguided and chosen:
+        print(f"\ndefault G={polarity.GUIDANCE:g}: control accuracy {chosen['control']:.3f} "
+              f"(target 0.95), distinct-2 {chosen['distinct2'] / unguided['distinct2'] - 1:+.1%} "
+              f"against unguided sampling (target within 10%)")
+    if args.skip_seed_recipe:
+        return 0
+
+    seed, seed_seconds = fine_tune(args, work / "seed-recipe", val_file, seed_recipe=True)
+    val_features = data.load_features(val_file, tokenizer, args.max_seq_length, args.cache_dir)
+    results = {"ours": measure_recipe(ours, ours_seconds, judge, val_features, args),
+               "seed's recipe": measure_recipe(seed, seed_seconds, judge, val_features, args)}
+    print(f"\nthe same {args.max_steps} steps, batch {args.batch_size}, lr "
+          f"{args.learning_rate:g}, seed {args.seed}; validation: {len(val_features):,} "
+          f"reviews of {val_file}")
+    print_comparison(results)
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--as_seed_recipe"]:
+        sys.exit(train_as_seed_recipe(sys.argv[2:]))
+    sys.exit(main())
