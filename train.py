@@ -254,7 +254,7 @@ def train(backend, args):
     backend.seed(args.seed)
     out = Path(args.downstream_model_dir)
     tokenizer = load_tokenizer(args.pretrained_model_name)
-    train_features, val_features = data.load_corpus(args, tokenizer)
+    train_features, val_features = data.load_corpus(args, tokenizer, backend.is_master)
     batches_per_epoch, steps_per_epoch = data.replica_steps(
         len(train_features), args.batch_size, backend.world_size, args.grad_accum_steps)
     total_steps = min(steps_per_epoch * args.epochs, args.max_steps or math.inf)

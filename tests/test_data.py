@@ -74,6 +74,20 @@ def test_truncation_cuts_the_review_and_keeps_eos(tokenizer):
     assert tokenizer.decode(ids[:-1]).startswith("긍정 정말")
 
 
+def test_token_ids_are_those_the_tokenizer_gives_in_chunks_too(tokenizer):
+    texts = [" ".join(["정말", "최고", "영화"][: 1 + i % 3] * (1 + i)) for i in range(7)]
+    expected = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=5)["input_ids"]
+    assert data.token_ids(texts, tokenizer, max_length=5, chunk=3) == expected
+    assert max(map(len, expected)) == 5 and min(map(len, expected)) < 5  # some were cut
+    # The tokenizer is configured on a copy: its own calls are left untruncated.
+    assert len(tokenizer(texts[-1], add_special_tokens=False)["input_ids"]) > 5
+
+
+def test_the_progress_bar_is_quiet_when_stderr_is_no_terminal(tokenizer, capsys):
+    data.encode(data.Reviews(["최고 영화"] * 3, [1, 0, 1]), tokenizer, 16, progress=True)
+    assert capsys.readouterr().err == ""
+
+
 def test_batches_mask_padding_in_labels_and_pass_no_token_type_ids(tokenizer):
     reviews = data.Reviews(["최고", "정말 너무 재밌다 추천"], [1, 1])
     features = data.encode(reviews, tokenizer, max_seq_length=16)
