@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from tqdm.auto import tqdm
@@ -415,7 +416,8 @@ class ReviewBatches(torch.utils.data.Dataset):
 
     `fixed_shape=True` (XLA) pads every batch to `max_seq_length` and to `batch_size` rows
     (extra rows are all padding, so they add no loss) so one compiled graph serves every
-    step; otherwise a batch is cut to its longest example, which is less work."""
+    step; otherwise a batch is cut to its longest example, which is less work, and lists
+    under "target_positions" the flat indices of the positions that predict a real token."""
 
     def __init__(self, features, pad_token_id, fixed_shape, batch_size):
         self.features = features
@@ -436,21 +438,29 @@ class ReviewBatches(torch.utils.data.Dataset):
             input_ids = torch.cat([input_ids, input_ids.new_full((missing, width), self.pad_token_id)])
             lengths = torch.cat([lengths, lengths.new_zeros(missing)])
         real = torch.arange(width) < lengths[:, None]
-        return {"input_ids": input_ids,
-                "attention_mask": real.long(),
-                "labels": input_ids.masked_fill(~real, -100)}
+        batch = {"input_ids": input_ids,
+                 "attention_mask": real.long(),
+                 "labels": input_ids.masked_fill(~real, -100)}
+        if not self.fixed_shape:  # where the loss needs logits: before each real token
+            batch["target_positions"] = F.pad(real[:, 1:], (0, 1)).flatten().nonzero()[:, 0]
+        return batch
 
 
 class TrainBatches:
     """Index batches for one replica: each epoch a fresh shuffle (DistributedSampler's,
     keyed by seed and epoch), sharded across replicas, only full batches. `start_epoch`
     can skip the batches already trained on, so a resumed run continues mid-epoch with
-    the very same data order."""
+    the very same data order.
 
-    def __init__(self, num_examples, batch_size, world_size, rank, seed):
+    Given the examples' `lengths` (--group_by_length), each batch holds reviews of similar
+    lengths, so that a batch cut to its longest review is mostly real tokens (see
+    `grouped_by_length`); the order is still a function of seed and epoch alone."""
+
+    def __init__(self, num_examples, batch_size, world_size, rank, seed, lengths=None):
         self.sampler = DistributedSampler(range(num_examples), num_replicas=world_size,
                                           rank=rank, shuffle=True, seed=seed, drop_last=True)
         self.batch_size = batch_size
+        self.lengths = lengths
         self.skip = 0
 
     def start_epoch(self, epoch, skip_batches=0):
@@ -458,11 +468,30 @@ class TrainBatches:
         self.skip = skip_batches
 
     def __iter__(self):
-        batches = BatchSampler(self.sampler, self.batch_size, drop_last=True)
+        if self.lengths is None:
+            batches = BatchSampler(self.sampler, self.batch_size, drop_last=True)
+        else:
+            generator = torch.Generator().manual_seed(self.sampler.seed + self.sampler.epoch)
+            batches = grouped_by_length(list(self.sampler), self.lengths, self.batch_size,
+                                        generator)
         return itertools.islice(iter(batches), self.skip, None)
 
     def __len__(self):
         return len(self.sampler) // self.batch_size - self.skip
+
+
+def grouped_by_length(indices, lengths, batch_size, generator, group=50):
+    """Full batches of `indices` (already shuffled), each of reviews of similar lengths, in
+    a random order drawn from `generator`. As Trainer's `group_by_length` does: the indices
+    are cut into groups of `group` batches, each group is sorted by length and cut into
+    batches. Sorting within groups rather than over the whole epoch keeps each batch a
+    random draw among reviews of its length."""
+    indices = torch.tensor(indices, dtype=torch.long)
+    size = group * batch_size
+    ordered = torch.cat([chunk[lengths[chunk].argsort(descending=True, stable=True)]
+                         for chunk in indices.split(size)])
+    batches = ordered[:len(ordered) // batch_size * batch_size].view(-1, batch_size)
+    return batches[torch.randperm(len(batches), generator=generator)].tolist()
 
 
 def eval_batches(num_examples, batch_size, world_size, rank):
