@@ -161,18 +161,18 @@ def read_labelled(path, numbered, columns):
         if len(fields) != len(columns):
             raise InputError(f"{path}:{number}: expected {len(columns)} tab-separated fields "
                              f"({', '.join(columns)}), found {len(fields)}; fix or delete the line")
-        row = dict(zip(columns, fields))
-        if row["label"] not in ("0", "1"):
+        document, label = fields[-2:]  # both layouts end with document, label
+        if label not in ("0", "1"):
             # The likeliest cause on line 1: a header other than `document<TAB>label`.
             hint = ("a header must read 'document<TAB>label'" if number == 1
                     else "use 1 for a positive review, 0 for a negative one")
             raise InputError(f"{path}:{number}: label must be 0 or 1, found "
-                             f"{row['label']!r}; {hint}")
-        if not row["document"].strip():
+                             f"{label!r}; {hint}")
+        if not document.strip():
             reviews.blank += 1
             continue
-        reviews.texts.append(row["document"])
-        reviews.labels.append(int(row["label"]))
+        reviews.texts.append(document)
+        reviews.labels.append(1 if label == "1" else 0)
     return reviews
 
 
