@@ -58,7 +58,8 @@ class Progress:
 # refused: with others the run would not be the one it continues. The corpus is compared by
 # content (its files' SHA-256), so its folder may move.
 FIXED_ON_RESUME = ["pretrained_model_name", "max_seq_length", "batch_size", "grad_accum_steps", "seed", "epochs",
-                   "max_steps", "warmup_ratio", "warmup_steps", "world_size", "corpus"]
+                   "max_steps", "warmup_ratio", "warmup_steps", "world_size", "corpus",
+                   "group_by_length"]
 # Applied from the resumed step on, in place of the values the optimizer saved.
 APPLIED_ON_RESUME = ["learning_rate", "weight_decay"]
 NOT_COMPARED = ["resume", "debug", "cpu_workers", "compile", "cache_dir", "overwrite_output_dir",

@@ -56,6 +56,7 @@ def load_model(name, tokenizer, flag="--pretrained_model_name", device=None):
             raise InputError(f"{flag} {name}: this {model.config.model_type} model sees the "
                              f"tokens after each position, so it would learn to copy the next "
                              f"token instead of predicting it; {CAUSAL_LM_HINT}")
+        splits_off_output_layer(model)  # found here, before the model is moved or compiled
         if device is not None:
             model.to(device)
             # Moving to an XLA device copies each parameter, which unties GPT-2's output
@@ -77,6 +78,38 @@ def sees_the_future(model):
         one = model(input_ids=torch.tensor([[0, 1, 2]])).logits[0, :2]
         other = model(input_ids=torch.tensor([[0, 1, 3]])).logits[0, :2]
     return not torch.allclose(one, other, atol=1e-4)
+
+
+def logits_at(model, input_ids, attention_mask, positions=None):
+    """Logits [n, vocabulary] at `positions`, flat indices into input_ids' [rows x columns]
+    (None: at every position). The output layer, a product with the whole vocabulary, is
+    the largest of a step: it runs only at `positions`. No key/value cache is built (it
+    serves decoding token by token, which nothing here does)."""
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    if not splits_off_output_layer(model):
+        logits = model(**inputs).logits.flatten(0, 1)
+        return logits if positions is None else logits[positions]
+    hidden = model.base_model(**inputs).last_hidden_state.flatten(0, 1)
+    return model.get_output_embeddings()(hidden if positions is None else hidden[positions])
+
+
+def splits_off_output_layer(model):
+    """Whether the model's logits are its output layer (`get_output_embeddings`) applied to
+    the last hidden states of its body (`base_model`): true of GPT-2 and most causal LMs,
+    not of BERT as a decoder, which transforms the states first. Tried once on a short
+    input, without dropout, and remembered on the model."""
+    if not hasattr(model, "output_layer_splits_off"):
+        training = model.training
+        ids = torch.tensor([[0, 1, 2]], device=model.device)
+        with torch.no_grad():
+            whole = model.eval()(input_ids=ids, use_cache=False).logits
+            head = model.get_output_embeddings()
+            split = (head(model.base_model(input_ids=ids, use_cache=False).last_hidden_state)
+                     if head is not None and model.base_model is not model else None)
+        model.train(training)
+        model.output_layer_splits_off = split is not None and torch.allclose(split, whole,
+                                                                             atol=1e-5)
+    return model.output_layer_splits_off
 
 
 def check_loadable(name, flag, max_seq_length=None):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import data
 import judge
 from data import POLARITY, InputError
+from model import logits_at
 
 # How reviews are sampled: the command line's defaults, and train.py's samples.
 SAMPLING = dict(max_new_tokens=40, top_k=50, top_p=0.92, temperature=0.9,
@@ -117,7 +118,9 @@ def strip_polarity(features, tokenizer, max_examples=None):
 
 class PolarityBatches(data.ReviewBatches):
     """Batches of reviews without their polarity word (see `strip_polarity`), and under
-    "polarity" each row's label: -1 on the all-padding rows that fixed shapes add."""
+    "polarity" each row's label: -1 on the all-padding rows that fixed shapes add. Every
+    real token is scored, the first one too (after the polarity word that `review_log_prob`
+    puts in front): "review_positions" lists them all, but for fixed shapes."""
 
     def __init__(self, features, tokenizer, max_examples, fixed_shape, batch_size):
         super().__init__(strip_polarity(features, tokenizer, max_examples),
@@ -127,21 +130,33 @@ class PolarityBatches(data.ReviewBatches):
         batch = super().__getitem__(indices)
         polarity = self.features.labels[torch.as_tensor(indices, dtype=torch.long)].long()
         batch["polarity"] = F.pad(polarity, (0, len(batch["input_ids"]) - len(polarity)), value=-1)
+        if batch.pop("target_positions", None) is not None:
+            batch["review_positions"] = batch["attention_mask"].flatten().nonzero()[:, 0]
         return batch
 
 
 def review_log_prob(model, prefix, batch):
     """log p(review</s> | prefix) for each row of a PolarityBatches batch: `prefix` (token
     ids) goes in front of every review, and only the review's tokens are scored."""
-    prefix = prefix.expand(len(batch["input_ids"]), -1)
+    rows, width = batch["input_ids"].shape
+    prefix = prefix.expand(rows, -1)
     input_ids = torch.cat([prefix, batch["input_ids"]], dim=1)
     attention_mask = torch.cat([torch.ones_like(prefix), batch["attention_mask"]], dim=1)
-    targets = torch.cat([torch.full_like(prefix, -100), batch["labels"]], dim=1)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    # Position t predicts token t+1; -100 (the prefix, padding) scores 0.
-    token_log_probs = -F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), targets[:, 1:],
-                                       ignore_index=-100, reduction="none")
-    return token_log_probs.sum(dim=1)
+    if "review_positions" not in batch:  # XLA: every position, one shape
+        targets = torch.cat([torch.full_like(prefix, -100), batch["labels"]], dim=1)
+        logits = logits_at(model, input_ids, attention_mask).unflatten(0, (rows, -1))
+        # Position t predicts token t+1; -100 (the prefix, padding) scores 0.
+        return -F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), targets[:, 1:],
+                                ignore_index=-100, reduction="none").sum(dim=1)
+    # Logits only before each review token: review column j is predicted by the position
+    # just before it, column prefix_length - 1 + j of input_ids.
+    where = batch["review_positions"]
+    row, column = where // width, where % width
+    logits = logits_at(model, input_ids, attention_mask,
+                       row * input_ids.shape[1] + prefix.shape[1] - 1 + column)
+    token_log_probs = -F.cross_entropy(logits.float(), batch["labels"].flatten()[where],
+                                       reduction="none")
+    return torch.zeros(rows, device=logits.device).index_add(0, row, token_log_probs)
 
 
 @torch.no_grad()

@@ -1,12 +1,15 @@
 """Time our training loop against Hugging Face's `Trainer` on this machine: the same model,
-the same token ids, the same batch size and optimizer settings.
+the same token ids, the same batch size and optimizer settings. Each loop runs twice: with
+the batches in random order (like for like: each batch padded to its longest review), and
+with batches of similar lengths (ours --group_by_length, Trainer's group_by_length=True:
+Trainer at its best). --compile compiles both (ours --compile, Trainer torch_compile=True).
 
     python benchmarks/bench_train.py --downstream_corpus_root_dir ../shared/data \
         --pretrained_model_name /tmp/tiny-kogpt2 --device cpu
 
 It first times the data preparation (reading and tokenizing the corpus into an empty cache,
-then loading it back), then runs each loop in a fresh process of its own, so that neither
-inherits the other's warm caches and each reports its own peak memory. Each process trains
+then loading it back), then runs each loop in a fresh process of its own, so that none
+inherits another's warm caches and each reports its own peak memory. Each process trains
 for --warmup_steps untimed steps, then --repeats times --steps timed steps; the table
 shows medians over the repeats.
 """
@@ -32,7 +35,7 @@ import data  # noqa: E402
 import sched  # noqa: E402
 import train  # noqa: E402
 from data import InputError  # noqa: E402
-from model import load_model, load_tokenizer  # noqa: E402
+from model import load_model, load_tokenizer, splits_off_output_layer  # noqa: E402
 from reporting import LossMeter  # noqa: E402
 
 # Randomly initialised GPT-2 shapes for --model_shape. `kogpt2` is skt/kogpt2-base-v2's exact
@@ -90,6 +93,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--data_only", action="store_true",
                    help="time the data preparation only")
+    p.add_argument("--no_grouped", action="store_true",
+                   help="skip the runs with batches grouped by length")
     return p.parse_args(argv)
 
 
@@ -220,7 +225,9 @@ def build_model(args, tokenizer):
                          f"tokens, more than the model's {shape['vocab_size']}")
     torch.manual_seed(args.seed)
     config = GPT2Config(bos_token_id=0, eos_token_id=1, pad_token_id=3, **shape)
-    return GPT2LMHeadModel(config)
+    model = GPT2LMHeadModel(config)
+    splits_off_output_layer(model)  # as load_model does: found once, before compiling
+    return model
 
 
 def setup(args):
@@ -272,7 +279,8 @@ def run_ours(args, features):
     # As train.py --compile does: the forward pass and the loss compiled together.
     loss_fn = backend.compile(train.token_loss_sum) if args.compile else train.token_loss_sum
     batches = data.TrainBatches(len(features), args.batch_size, backend.world_size,
-                                backend.rank, args.seed)
+                                backend.rank, args.seed,
+                                features.lengths if args.group_by_length else None)
     dataset = CountedReviewBatches(features, tokenizer.pad_token_id, backend.fixed_shapes,
                                    args.batch_size)
     loader = data.make_loader(dataset, batches, 0, backend.pin_memory)
@@ -330,6 +338,7 @@ def run_trainer(args, features):
             # Trainer's default, fused AdamW, has no XLA kernel; ours runs the plain one there.
             optim="adamw_torch" if backend.device.type == "xla" else "adamw_torch_fused",
             torch_compile=args.compile and backend.device.type != "xla",
+            group_by_length=args.group_by_length,
             seed=args.seed, logging_steps=args.log_every, save_strategy="no", report_to=[],
             dataloader_num_workers=0, dataloader_pin_memory=backend.pin_memory,
             dataloader_drop_last=True, disable_tqdm=True)
@@ -360,20 +369,28 @@ def in_own_process(fn, args, features):
         return pool.submit(fn, args, features).result()
 
 
+# Each loop, in random order and grouped by length: (name, function, group_by_length).
+LOOPS = [("ours", run_ours, False), ("Trainer", run_trainer, False),
+         ("ours, grouped", run_ours, True), ("Trainer, grouped", run_trainer, True)]
+
+
 def measure(args, features):
     """Each loop's results from --rounds processes, the loops taking turns: on a machine
-    that other work shares, both then meet the same mix of quiet and busy spells."""
-    loops = {"ours": run_ours, "Trainer": run_trainer}
-    results = {name: [] for name in loops}
+    that other work shares, all then meet the same mix of quiet and busy spells."""
+    loops = [loop for loop in LOOPS if not (args.no_grouped and loop[2])]
+    results = {name: [] for name, _, _ in loops}
     for _ in range(args.rounds):
-        for name, fn in list(loops.items()):
+        for name, fn, grouped in list(loops):
             try:
-                results[name].append(in_own_process(fn, args, features))
+                results[name].append(in_own_process(
+                    fn, argparse.Namespace(**{**vars(args), "group_by_length": grouped}),
+                    features))
             except Exception as e:
-                if name == "ours" or args.device != "xla":
+                if fn is run_ours or args.device != "xla":
                     raise
-                print(f"Trainer: skipped, it failed on XLA ({data.first_line(e)})")
-                del loops[name], results[name]
+                print(f"{name}: skipped, it failed on XLA ({data.first_line(e)})")
+                loops.remove((name, fn, grouped))
+                del results[name]
     return results
 
 
@@ -410,12 +427,22 @@ def print_report(results, args, n_examples):
 
 def print_table(rows):
     columns = ["examples/s", "tokens/s", "ms/step", "peak MiB"]
-    print(f"{'':14}" + "".join(f"{c:>13}" for c in columns))
+    print(f"{'':32}" + "".join(f"{c:>13}" for c in columns))
     for name, row in rows.items():
-        print(f"{name:14}" + "".join(f"{row[c]:13,.1f}" for c in columns))
-    if len(rows) == 2:
-        ours, theirs = rows.values()
-        print(f"{'ours/Trainer':14}" + "".join(f"{ours[c] / theirs[c]:12.2f}x" for c in columns))
+        print(f"{name:32}" + "".join(f"{row[c]:13,.1f}" for c in columns))
+    ratios = {"ours/Trainer": ("ours", "Trainer"),
+              "ours/Trainer, both grouped": ("ours, grouped", "Trainer, grouped"),
+              "ours, grouped/Trainer's best": ("ours, grouped", best_trainer(rows))}
+    for label, (ours, theirs) in ratios.items():
+        if ours in rows and theirs in rows:
+            print(f"{label:32}" + "".join(f"{rows[ours][c] / rows[theirs][c]:12.2f}x"
+                                          for c in columns))
+
+
+def best_trainer(rows):
+    """The Trainer row with the most examples/s."""
+    trainers = [name for name in rows if name.startswith("Trainer")]
+    return max(trainers, key=lambda name: rows[name]["examples/s"]) if trainers else None
 
 
 def main(argv=None):

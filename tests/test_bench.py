@@ -7,7 +7,7 @@ import sys
 from conftest import ROOT
 
 
-def test_benchmark_prints_data_timings_and_both_loops(tiny_model, corpus):
+def test_benchmark_prints_data_timings_and_every_loop(tiny_model, corpus):
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"),
          "--pretrained_model_name", str(tiny_model), "--downstream_corpus_root_dir", str(corpus),
@@ -20,5 +20,7 @@ def test_benchmark_prints_data_timings_and_both_loops(tiny_model, corpus):
     assert any(line.lstrip().startswith("warm (load from the cache):") for line in lines)
     header = next(line for line in lines if "examples/s" in line and "tokens/s" in line)
     assert "ms/step" in header and "peak MiB" in header
-    for row in ("ours ", "Trainer ", "ours/Trainer "):
+    rows = ("ours ", "Trainer ", "ours, grouped ", "Trainer, grouped ", "ours/Trainer ",
+            "ours/Trainer, both grouped ", "ours, grouped/Trainer's best ")
+    for row in rows:
         assert any(line.startswith(row) for line in lines), row

@@ -74,11 +74,25 @@ def test_truncation_cuts_the_review_and_keeps_eos(tokenizer):
     assert tokenizer.decode(ids[:-1]).startswith("긍정 정말")
 
 
+def test_token_ids_are_those_the_tokenizer_gives_in_chunks_too(tokenizer):
+    texts = [" ".join(["정말", "최고", "영화"][: 1 + i % 3] * (1 + i)) for i in range(7)]
+    expected = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=5)["input_ids"]
+    assert data.token_ids(texts, tokenizer, max_length=5, chunk=3) == expected
+    assert max(map(len, expected)) == 5 and min(map(len, expected)) < 5  # some were cut
+    # The tokenizer is configured on a copy: its own calls are left untruncated.
+    assert len(tokenizer(texts[-1], add_special_tokens=False)["input_ids"]) > 5
+
+
+def test_the_progress_bar_is_quiet_when_stderr_is_no_terminal(tokenizer, capsys):
+    data.encode(data.Reviews(["최고 영화"] * 3, [1, 0, 1]), tokenizer, 16, progress=True)
+    assert capsys.readouterr().err == ""
+
+
 def test_batches_mask_padding_in_labels_and_pass_no_token_type_ids(tokenizer):
     reviews = data.Reviews(["최고", "정말 너무 재밌다 추천"], [1, 1])
     features = data.encode(reviews, tokenizer, max_seq_length=16)
     batch = data.ReviewBatches(features, tokenizer.pad_token_id, fixed_shape=False, batch_size=2)[[0, 1]]
-    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "target_positions"}
     width = int(features.lengths.max())
     assert batch["input_ids"].shape == (2, width)                 # cut to the longest
     real = batch["attention_mask"].bool()
@@ -113,12 +127,16 @@ def test_cache_is_reused_and_keyed_by_content(tokenizer, corpus, tmp_path, monke
     assert len(third) == 1 and len(list((tmp_path / "cache").iterdir())) == 2
 
 
-def test_sharding_and_step_counts_for_1_and_8_replicas():
+LENGTHS = torch.randint(2, 33, (1000,), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("lengths", [None, LENGTHS], ids=["shuffled", "grouped_by_length"])
+def test_sharding_and_step_counts_for_1_and_8_replicas(lengths):
     n, batch = 1000, 16
     for world in (1, 8):
         shards = []
         for rank in range(world):
-            batches = data.TrainBatches(n, batch, world, rank, seed=7)
+            batches = data.TrainBatches(n, batch, world, rank, seed=7, lengths=lengths)
             batches.start_epoch(0)
             shards.append([i for b in batches for i in b])
             assert len(batches) == data.batches_per_epoch(n, batch, world) == (n // world) // batch
@@ -127,8 +145,9 @@ def test_sharding_and_step_counts_for_1_and_8_replicas():
     assert data.batches_per_epoch(1000, 16, 8) == 7
 
 
-def test_each_epoch_reshuffles_and_resume_skips_exactly():
-    batches = data.TrainBatches(100, 10, 1, 0, seed=7)
+@pytest.mark.parametrize("lengths", [None, LENGTHS[:100]], ids=["shuffled", "grouped_by_length"])
+def test_each_epoch_reshuffles_and_resume_skips_exactly(lengths):
+    batches = data.TrainBatches(100, 10, 1, 0, seed=7, lengths=lengths)
     batches.start_epoch(0)
     epoch0 = list(batches)
     batches.start_epoch(1)
@@ -136,6 +155,23 @@ def test_each_epoch_reshuffles_and_resume_skips_exactly():
     assert epoch0 != epoch1
     batches.start_epoch(1, skip_batches=3)
     assert list(batches) == epoch1[3:] and len(batches) == 7
+    again = data.TrainBatches(100, 10, 1, 0, seed=7, lengths=lengths)  # a resumed run's
+    again.start_epoch(1, skip_batches=3)
+    assert list(again) == epoch1[3:]
+
+
+def test_grouping_by_length_takes_as_many_reviews_with_less_padding():
+    def widths(batches):  # what the batches cost, each cut to its longest review
+        return sum(int(LENGTHS[b].max()) * len(b) for b in batches)
+    shuffled, grouped = (data.TrainBatches(1000, 16, 1, 0, seed=7, lengths=lengths)
+                         for lengths in (None, LENGTHS))
+    for epoch in (0, 1):
+        shuffled.start_epoch(epoch)
+        grouped.start_epoch(epoch)
+        plain, by_length = list(shuffled), list(grouped)
+        assert len(set(sum(by_length, []))) == len(sum(plain, [])) == 1000 // 16 * 16
+        assert widths(by_length) < 0.7 * widths(plain)
+        assert [len(set(LENGTHS[b].tolist())) for b in by_length] != [1] * len(by_length)
 
 
 def test_eval_shards_cover_every_example_once():

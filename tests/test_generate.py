@@ -79,11 +79,12 @@ def test_stripping_the_polarity_word_leaves_the_bare_review(untrained):
         assert torch.equal(stripped.lengths, bare.lengths)
 
 
-def test_review_log_prob_scores_the_review_and_not_the_prefix(untrained):
+@pytest.mark.parametrize("fixed_shape", [True, False])
+def test_review_log_prob_scores_the_review_and_not_the_prefix(untrained, fixed_shape):
     model, tokenizer = untrained
     texts = ["영화 최고 감동", "정말 별로", "이 배우 연기 너무 좋았다"]
     features = review_features(tokenizer, texts, 1)
-    dataset = polarity.PolarityBatches(features, tokenizer, None, fixed_shape=True, batch_size=4)
+    dataset = polarity.PolarityBatches(features, tokenizer, None, fixed_shape, batch_size=4)
     batch = dataset[[0, 1, 2]]
     prefix = polarity.prompt_ids(tokenizer, "부정")
     with torch.no_grad():
@@ -97,7 +98,8 @@ def test_review_log_prob_scores_the_review_and_not_the_prefix(untrained):
             start = prefix.shape[1]
             expected = sum(log_probs[t - 1, ids[0, t]] for t in range(start, ids.shape[1]))
             assert batched[row].item() == pytest.approx(expected.item(), abs=1e-4)
-    assert batched[3].item() == 0.0  # the padding row of the fixed shape
+    if fixed_shape:
+        assert batched[3].item() == 0.0  # the padding row of the fixed shape
 
 
 def test_fixed_shapes_count_every_review_once(untrained):

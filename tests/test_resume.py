@@ -61,6 +61,19 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(train_args, 
     assert_same_losses(out, uninterrupted)
 
 
+def test_resume_with_group_by_length_matches_an_uninterrupted_run(train_args, tmp_path):
+    # The order of the batches grouped by length is a function of seed and epoch alone.
+    args = train_args + RUN + ["--group_by_length"]
+    reference = tmp_path / "reference"
+    assert run_train(args + ["--downstream_model_dir", str(reference)]).returncode == 0
+    assert interrupted("sigkill", 23, args).returncode == -signal.SIGKILL
+    resumed = run_train(args + ["--resume", "latest"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "(step 20, epoch 2)" in resumed.stdout
+    assert_same_weights(tmp_path / "out" / "checkpoint-48", reference / "checkpoint-48")
+    assert_same_losses(tmp_path / "out", reference)
+
+
 def assert_same_losses(a, b):
     """Every logged loss, learning rate and validation loss agrees exactly (timings and
     speeds need not)."""
@@ -166,6 +179,8 @@ def test_resume_refuses_changed_shapes_and_warns_about_harmless_changes(train_ar
                    "use the same value or start a new --downstream_model_dir")
     assert train.main(args + ["--resume", "latest", "--max_seq_length", "24"]) == 1
     assert "--max_seq_length is 24" in capsys.readouterr().err
+    assert train.main(args + ["--resume", "latest", "--group_by_length"]) == 1  # another order
+    assert "--group_by_length is True" in capsys.readouterr().err
     assert train.main(args + ["--resume", "latest", "--log_every", "3"]) == 0
     assert "warning: --resume: --log_every changed from 1 to 3" in capsys.readouterr().err
 
