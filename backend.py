@@ -22,7 +22,7 @@ import traceback
 import torch
 
 from data import InputError
-from model import cpu_copy
+from model import LogitsAt, cpu_copy
 
 
 def choose_device(device, tpu_cores=None):
@@ -320,12 +320,13 @@ class TorchrunBackend(Backend):
         # the communication on GPUs. It averages them over the processes, as
         # accumulate_gradients expects, and only in the backward of a step's last
         # micro-batch (`require_backward_grad_sync` is what DDP's no_sync() clears). It
-        # wraps the model the loop holds, so evaluation and saving use that one, unwrapped.
+        # wraps the loop's model (through LogitsAt, the loss's forward), so evaluation and
+        # saving use that model, unwrapped.
         # Buffers are not broadcast: GPT-2's are constants.
-        if self.ddp is None or self.ddp.module is not model:
+        if self.ddp is None or self.ddp.module.model is not model:
             from torch.nn.parallel import DistributedDataParallel
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = DistributedDataParallel(model, device_ids=device_ids,
+            self.ddp = DistributedDataParallel(LogitsAt(model), device_ids=device_ids,
                                                broadcast_buffers=False)
         for i, batch in enumerate(window):
             self.ddp.require_backward_grad_sync = i == len(window) - 1

@@ -6,7 +6,8 @@ from pathlib import Path
 import torch
 from huggingface_hub import try_to_load_from_cache
 from safetensors import SafetensorError, safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import (AutoConfig, AutoModelForCausalLM, PreTrainedModel,
+                          PreTrainedTokenizerFast)
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from data import InputError, first_line
@@ -85,12 +86,28 @@ def logits_at(model, input_ids, attention_mask, positions=None):
     (None: at every position). The output layer, a product with the whole vocabulary, is
     the largest of a step: it runs only at `positions`. No key/value cache is built (it
     serves decoding token by token, which nothing here does)."""
+    if not isinstance(model, PreTrainedModel):  # a wrapper around LogitsAt, such as DDP
+        return model(input_ids, attention_mask, positions)
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     if not splits_off_output_layer(model):
         logits = model(**inputs).logits.flatten(0, 1)
         return logits if positions is None else logits[positions]
     hidden = model.base_model(**inputs).last_hidden_state.flatten(0, 1)
     return model.get_output_embeddings()(hidden if positions is None else hidden[positions])
+
+
+class LogitsAt(torch.nn.Module):
+    """`logits_at(model, ...)` as a module's forward. DistributedDataParallel averages the
+    gradients only of what runs through the forward of the module it wraps: under torchrun
+    it wraps this, so that the loss can still skip the output layer where there is no
+    target."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, positions=None):
+        return logits_at(self.model, input_ids, attention_mask, positions)
 
 
 def splits_off_output_layer(model):
