@@ -18,13 +18,8 @@ import argparse
 import math
 import sys
 
-import torch
-
-import data
-from backend import Backend
-from data import POLARITY, InputError
-from model import load_model, load_tokenizer, max_positions
-from polarity import SAMPLING, polarity_accuracy, prompt_ids, write_reviews
+import options
+from options import SAMPLING, default_cache_dir
 
 
 # --------------------------------------------------------------------------- main
@@ -79,10 +74,23 @@ def parse_args(argv=None):
     p.add_argument("--max_seq_length", type=int, default=32,
                    help="--evaluate: reviews are cut to this many tokens, as in training")
     p.add_argument("--batch_size", type=int, default=32, help="--evaluate: reviews per batch")
-    p.add_argument("--cache_dir", default=str(data.default_cache_dir()),
+    p.add_argument("--cache_dir", default=str(default_cache_dir()),
                    help="where tokenized corpora are cached")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and a mistyped flag answered before torch loads
+    options.keep_xla_unloaded("cpu")  # sampling never runs on XLA (see above)
+
+import torch  # noqa: E402
+
+import data  # noqa: E402
+from backend import Backend  # noqa: E402
+from data import POLARITY, InputError  # noqa: E402
+from model import load_model, load_tokenizer, max_positions  # noqa: E402
+from polarity import polarity_accuracy, prompt_ids, write_reviews  # noqa: E402
 
 
 def polarity_words(polarity):
@@ -171,8 +179,8 @@ def print_polarity_accuracy(args, model, tokenizer):
     if args.val_file:
         val_file = data.given_file("--val_file", args.val_file)
     else:
-        val_file = data.corpus_files(args.downstream_corpus_root_dir,
-                                     args.downstream_corpus_name)[1]
+        val_file, = data.corpus_files(args.downstream_corpus_root_dir,  # only the test file
+                                      args.downstream_corpus_name, names=data.NSMC_FILES[1:])
     features = data.load_features(val_file, tokenizer, args.max_seq_length, args.cache_dir)
     if features.labels is None or len(features) == 0:
         raise InputError(f"{val_file}: no labelled reviews, so there is no polarity to check")
