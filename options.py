@@ -91,10 +91,10 @@ def parse_args(argv=None):
                    help="your own corpus instead of NSMC, with --val_file: NSMC's layout, "
                         "'document<TAB>label' lines, or plain text (no labels, no polarity word)")
     p.add_argument("--val_file", default=None, help="the validation file of --train_file")
-    p.add_argument("--eval_size", type=int, default=5000,
+    p.add_argument("--eval_size", type=int, default=2000,
                    help="validation reviews (spread over the file) whose loss each evaluation "
                         "measures (0: all of them)")
-    p.add_argument("--polarity_eval_size", type=int, default=1000,
+    p.add_argument("--polarity_eval_size", type=int, default=500,
                    help="validation reviews scored for polarity accuracy at each evaluation "
                         "(0: none)")
     p.add_argument("--report_to", choices=["tensorboard", "none"], default="tensorboard",

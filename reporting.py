@@ -47,9 +47,10 @@ class LossMeter:
         seconds = time.perf_counter() - self.started
         backend.on_host(write_report, log, self, self.loss_sum, self.tokens, self.first_bad_step,
                         step, lr, seconds, bar)
-        if self.plan and log.is_master:  # timed here: the report reads the device anyway
+        if self.plan and log.is_master and step < self.plan.total_steps:
+            # Timed at a report, which reads the device anyway: no wait of its own.
             tqdm.write(self.plan.estimate(step, seconds / (step - self.reported_step)))
-            self.plan = None
+        self.plan = None
         self.reported_step = step
         self.reset()
 

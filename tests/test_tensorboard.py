@@ -29,6 +29,8 @@ def test_event_files_hold_what_metrics_jsonl_holds_and_a_resume_continues_them(t
                                                                                tmp_path):
     first = run_train(train_args + RUN)
     assert first.returncode == 0, first.stderr
+    # Once the first report (step 1 here) has timed a step, one line estimates the rest.
+    assert first.stdout.count("timing: ") == 1 and "the 7 steps left take about" in first.stdout
     out = tmp_path / "out"
     # Resume from step 4 of the finished run: steps 5 to 8 are trained (and logged) again.
     resumed = run_train(train_args + RUN + ["--resume", str(out / "checkpoint-4")])
