@@ -116,16 +116,19 @@ def from_pretrained(cls, name, flag):
         raise InputError(f"{flag} {name}: {damaged} is damaged ({first_line(e)}); delete it, "
                          f"then download the model again or save it again") from None
     except (OSError, ValueError, ImportError) as e:
-        if Path(name).is_dir():
-            hint = "the directory needs config.json, model weights and tokenizer.json"
-        elif constants.HF_HUB_OFFLINE:
-            hint = ("it is not a local directory, and HF_HUB_OFFLINE is set, so only the "
-                    "Hugging Face cache was searched: pass a local directory, or unset "
-                    "HF_HUB_OFFLINE to download it")
-        else:
-            hint = ("it is not a local directory and could not be downloaded: check the name "
-                    "and the network, or pass a local directory (offline: HF_HUB_OFFLINE=1)")
-        raise InputError(f"{flag} {name}: {hint} ({first_line(e)})") from None
+        raise InputError(f"{flag} {name}: {not_found_hint(name)} ({first_line(e)})") from None
+
+
+def not_found_hint(name):
+    """What to do about a model that did not load, fitting what the user already set."""
+    if Path(name).is_dir():
+        return "the directory needs config.json, model weights and tokenizer.json"
+    if constants.HF_HUB_OFFLINE:
+        return ("it is not a local directory, and HF_HUB_OFFLINE is set, so only the Hugging "
+                "Face cache was searched: pass a local directory, or unset HF_HUB_OFFLINE to "
+                "download it")
+    return ("it is not a local directory and could not be downloaded: check the name and "
+            "the network, or pass a local directory (offline: HF_HUB_OFFLINE=1)")
 
 
 class OneLinePerRetry(logging.Filter):
