@@ -85,9 +85,9 @@ class Plan:
                 f"about {duration(steps * seconds_per_step)}")
         if self.evaluations and self.eval_seconds is not None:
             line += (f", plus {duration(self.evaluations * self.eval_seconds)} for "
-                     f"{self.evaluations} evaluations like the first")
+                     f"{evaluations(self.evaluations)} like the first")
         elif self.evaluations:
-            line += f", plus {self.evaluations} evaluations"
+            line += f", plus {evaluations(self.evaluations)}"
         return line
 
 
@@ -96,6 +96,10 @@ def evaluations_after(step, total_steps, steps_per_epoch, eval_every):
     `eval_every` steps, and at the last step."""
     return sum(1 for s in range(step + 1, total_steps + 1) if s % steps_per_epoch == 0
                or s == total_steps or (eval_every and s % eval_every == 0))
+
+
+def evaluations(n):
+    return "1 evaluation" if n == 1 else f"{n} evaluations"
 
 
 def duration(seconds):

@@ -59,3 +59,14 @@ def test_report_to_none_writes_no_event_files(train_args, tmp_path):
     assert result.returncode == 0, result.stderr
     assert read_metrics(tmp_path / "out", "train")           # metrics.jsonl is still written
     assert not (tmp_path / "out" / "tensorboard").exists()
+
+
+def test_the_estimate_counts_the_evaluations_still_to_come():
+    import reporting
+    # 48 steps of 16 a epoch: evaluations at 16, 32, 48; with --eval_every 10 also 10, 20, 30, 40.
+    assert reporting.evaluations_after(0, 48, 16, None) == 3
+    assert reporting.evaluations_after(0, 48, 16, 10) == 7
+    assert reporting.evaluations_after(20, 48, 16, None) == 2       # resumed at step 20
+    line = reporting.Plan(100, 1, 360.0).estimate(50, 4.7)
+    assert line == ("timing: 4.7 s/step so far; the 50 steps left take about 4 min, plus 6 min "
+                    "for 1 evaluation like the first")
