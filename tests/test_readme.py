@@ -104,3 +104,19 @@ def test_help_is_answered_before_torch_loads():
                                 text=True, timeout=120)
         assert result.stdout.strip().endswith("False"), (script, result.stdout, result.stderr)
         assert "--downstream_model_dir" in result.stdout
+
+
+def test_the_curves_picture_is_drawn_from_metrics_jsonl(tmp_path):
+    """docs/plot_metrics.py draws the README's picture: one line per curve, from the events."""
+    import json
+    import xml.dom.minidom
+    events = [{"event": "eval", "step": 0, "val_loss": 6.0, "polarity_accuracy": 0.5}]
+    events += [{"event": "train", "step": s, "loss": 6 - s / 100} for s in range(10, 110, 10)]
+    events += [{"event": "eval", "step": 100, "val_loss": 5.5, "polarity_accuracy": 0.6}]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(e) + "\n" for e in events), encoding="utf-8")
+    subprocess.run([sys.executable, str(ROOT / "docs" / "plot_metrics.py"), str(metrics),
+                    str(tmp_path / "curves.svg")], check=True, timeout=60)
+    lines = xml.dom.minidom.parse(str(tmp_path / "curves.svg")).getElementsByTagName("polyline")
+    assert [len(line.getAttribute("points").split()) for line in lines] == [10, 2, 2]
+    assert "](docs/first-run.svg)" in README and (ROOT / "docs" / "first-run.svg").is_file()
