@@ -23,6 +23,7 @@ import torch
 
 from data import InputError
 from model import LogitsAt, cpu_copy
+from options import xla_accelerator
 
 
 def choose_device(device, tpu_cores=None):
@@ -70,18 +71,6 @@ def check_gpu_per_process():
         raise InputError(f"torchrun --nproc_per_node {processes}: this host has {gpus} "
                          f"GPU{'s' * (gpus != 1)}, one per process; use --nproc_per_node "
                          f"{gpus} or fewer")
-
-
-def xla_accelerator():
-    """A TPU on the PCI bus, or PJRT_DEVICE naming an accelerator. PJRT_DEVICE=CPU is no
-    request for XLA: importing torch_xla (transformers does) sets it on every machine
-    without a TPU. XLA on the CPU is asked for with --device xla."""
-    if importlib.util.find_spec("torch_xla") is None:
-        return False
-    if os.environ.get("PJRT_DEVICE", "CPU") != "CPU":
-        return True
-    from torch_xla._internal import tpu  # reads the PCI bus; starts no runtime
-    return tpu.num_available_chips() > 0
 
 
 class Backend:

@@ -5,6 +5,7 @@ corpus without labels), cache them, and serve batches.
 Every batch is a slice of one pre-tokenized tensor: no per-example Python work while
 training. Padding is masked by length (attention 0, label -100), never by token id.
 """
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -22,6 +23,8 @@ from tokenizers import Tokenizer
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
+from options import InputError, default_cache_dir  # noqa: F401 (data.InputError for callers)
+
 POLARITY = {1: "긍정", 0: "부정"}        # the word each review is prefixed with
 NSMC_FILES = ("ratings_train.txt", "ratings_test.txt")
 NSMC_HEADER = ["id", "document", "label"]
@@ -29,24 +32,21 @@ PAIR_HEADER = ["document", "label"]     # the optional header of a two-column co
 CACHE_VERSION = 2                       # bump when the cached layout changes
 
 
-class InputError(Exception):
-    """Something the user can fix (a file, a line, a flag): printed as one line, no traceback."""
-
-
 # --------------------------------------------------------------------------- the corpus
 
-def corpus_files(root_dir, corpus_name="nsmc", train_file=None, val_file=None):
+def corpus_files(root_dir, corpus_name="nsmc", train_file=None, val_file=None, names=NSMC_FILES):
     """The train and validation files: `train_file` and `val_file` when given, else
-    ratings_train.txt and ratings_test.txt in the folder `root_dir/corpus_name` (an
-    absolute `corpus_name` is that folder itself). Of NSMC, only the missing files are
-    downloaded (Korpora.fetch opens the network even when the files are there)."""
+    ratings_train.txt and ratings_test.txt (those of `names`) in the folder
+    `root_dir/corpus_name` (an absolute `corpus_name` is that folder itself). Of NSMC, only
+    the missing files are downloaded (Korpora.fetch opens the network even when the files
+    are there)."""
     if train_file or val_file:
         if not (train_file and val_file):
             raise InputError("--train_file and --val_file go together: give both (the "
                              "validation file decides which model is kept as the best)")
         return [given_file("--train_file", train_file), given_file("--val_file", val_file)]
     folder = Path(root_dir).expanduser() / Path(corpus_name).expanduser()
-    paths = [folder / name for name in NSMC_FILES]
+    paths = [folder / name for name in names]
     for path in paths:
         # Something else in a file's place: a download could not put the file there either.
         if path.exists() and not path.is_file():
@@ -82,6 +82,7 @@ def what_it_is(path):
 def download_nsmc(folder, missing):
     """Fetch NSMC with Korpora into a scratch folder, then move the missing files into
     place, so that an interrupted download never leaves a truncated file behind."""
+    created = [p for p in [folder, *folder.parents] if not p.exists()]
     try:
         from Korpora import Korpora
         folder.mkdir(parents=True, exist_ok=True)
@@ -90,9 +91,12 @@ def download_nsmc(folder, missing):
             for path in missing:
                 os.replace(Path(scratch) / "nsmc" / path.name, path)
     except Exception as e:  # no network, proxy, read-only folder, ...: all end the same way
+        for path in created:  # an empty ~/Korpora/nsmc/ would only mislead the next run
+            with contextlib.suppress(OSError):
+                path.rmdir()
         raise InputError(
             f"NSMC is not at {missing[0]} and downloading it failed ({first_line(e)}); "
-            f"put {' and '.join(NSMC_FILES)} in {folder}/ or point "
+            f"put {' and '.join(p.name for p in missing)} in {folder}/ or point "
             f"--downstream_corpus_root_dir at the folder that holds nsmc/") from e
 
 
@@ -405,10 +409,6 @@ def write_atomically(path, write):
         tmp.unlink(missing_ok=True)
 
 
-def default_cache_dir():
-    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "kogpt2-nsmc"
-
-
 # --------------------------------------------------------------------------- batches
 
 class ReviewBatches(torch.utils.data.Dataset):
@@ -494,11 +494,19 @@ def grouped_by_length(indices, lengths, batch_size, generator, group=50):
     return batches[torch.randperm(len(batches), generator=generator)].tolist()
 
 
-def eval_batches(num_examples, batch_size, world_size, rank):
+def eval_batches(num_examples, batch_size, world_size, rank, max_examples=None):
     """Index batches for one replica's share of the validation set: every example exactly
-    once across replicas (DistributedSampler would repeat some to even the shards out)."""
-    shard = list(range(rank, num_examples, world_size))
+    once across replicas (DistributedSampler would repeat some to even the shards out).
+    With `max_examples`, only that many, spread evenly over the file (see `spread`)."""
+    shard = spread(num_examples, max_examples)[rank::world_size]
     return [shard[i:i + batch_size] for i in range(0, len(shard), batch_size)]
+
+
+def spread(num_examples, max_examples=None):
+    """`max_examples` indices (all when None or 0) spread evenly over `num_examples`: the
+    first ones could all share a polarity in a file sorted by label."""
+    n = min(max_examples or num_examples, num_examples)
+    return [i * num_examples // n for i in range(n)]
 
 
 def batches_per_epoch(num_examples, batch_size, world_size):

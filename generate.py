@@ -24,14 +24,8 @@ import argparse
 import math
 import sys
 
-import torch
-
-import data
-from backend import Backend
-from data import POLARITY, InputError
-from model import load_model, load_tokenizer, max_positions
-from polarity import (GUIDANCE, SAMPLING, control_accuracy, judge_of, other_word,
-                      polarity_accuracy, prompt_ids, write_reviews)
+import options
+from options import GUIDANCE, SAMPLING, default_cache_dir
 
 
 # --------------------------------------------------------------------------- main
@@ -97,10 +91,24 @@ def parse_args(argv=None):
     p.add_argument("--max_seq_length", type=int, default=32,
                    help="--evaluate: reviews are cut to this many tokens, as in training")
     p.add_argument("--batch_size", type=int, default=32, help="--evaluate: reviews per batch")
-    p.add_argument("--cache_dir", default=str(data.default_cache_dir()),
+    p.add_argument("--cache_dir", default=str(default_cache_dir()),
                    help="where tokenized corpora are cached")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and a mistyped flag answered before torch loads
+    options.keep_xla_unloaded("cpu")  # sampling never runs on XLA (see above)
+
+import torch  # noqa: E402
+
+import data  # noqa: E402
+from backend import Backend  # noqa: E402
+from data import POLARITY, InputError  # noqa: E402
+from model import load_model, load_tokenizer, max_positions  # noqa: E402
+from polarity import (control_accuracy, judge_of, other_word, polarity_accuracy,  # noqa: E402
+                      prompt_ids, write_reviews)
 
 
 def polarity_words(polarity):
@@ -212,10 +220,12 @@ def evaluation_files(args):
     if args.val_file:
         train_file = args.train_file and data.given_file("--train_file", args.train_file)
         return train_file, data.given_file("--val_file", args.val_file)
-    train_file, val_file = data.corpus_files(args.downstream_corpus_root_dir,
-                                             args.downstream_corpus_name)
-    return (data.given_file("--train_file", args.train_file) if args.train_file
-            else train_file), val_file
+    val_file, = data.corpus_files(args.downstream_corpus_root_dir,  # only the test file
+                                  args.downstream_corpus_name, names=data.NSMC_FILES[1:])
+    if args.train_file:
+        return data.given_file("--train_file", args.train_file), val_file
+    beside = val_file.parent / data.NSMC_FILES[0]  # the judge's, when it is on disk already
+    return (beside if beside.is_file() else None), val_file
 
 
 def print_evaluation(args, model, tokenizer):

@@ -1,10 +1,11 @@
 """Tokenizer and model: load them from the hub or a local directory, save them in
 Hugging Face format so that `from_pretrained(directory)` loads what training wrote."""
+import logging
 import threading
 from pathlib import Path
 
 import torch
-from huggingface_hub import try_to_load_from_cache
+from huggingface_hub import constants, try_to_load_from_cache
 from safetensors import SafetensorError, safe_open
 from transformers import (AutoConfig, AutoModelForCausalLM, PreTrainedModel,
                           PreTrainedTokenizerFast)
@@ -75,9 +76,10 @@ def sees_the_future(model):
     encoder's does (BERT, unless configured as a decoder). Trained on next-token labels, it
     would copy them, with a loss that looks fine. Two prefixes, the same but for the last
     token, tell; `from_pretrained` returns the model in eval mode, without dropout."""
+    mask = torch.ones(1, 3, dtype=torch.long)  # without one, transformers warns about padding
     with torch.no_grad():
-        one = model(input_ids=torch.tensor([[0, 1, 2]])).logits[0, :2]
-        other = model(input_ids=torch.tensor([[0, 1, 3]])).logits[0, :2]
+        one = model(input_ids=torch.tensor([[0, 1, 2]]), attention_mask=mask).logits[0, :2]
+        other = model(input_ids=torch.tensor([[0, 1, 3]]), attention_mask=mask).logits[0, :2]
     return not torch.allclose(one, other, atol=1e-4)
 
 
@@ -164,12 +166,30 @@ def from_pretrained(cls, name, flag):
         raise InputError(f"{flag} {name}: {damaged} is damaged ({first_line(e)}); delete it, "
                          f"then download the model again or save it again") from None
     except (OSError, ValueError, ImportError) as e:
-        if Path(name).is_dir():
-            hint = "the directory needs config.json, model weights and tokenizer.json"
-        else:
-            hint = ("it is not a local directory and could not be downloaded: check the name "
-                    "and the network, or pass a local directory (offline: HF_HUB_OFFLINE=1)")
-        raise InputError(f"{flag} {name}: {hint} ({first_line(e)})") from None
+        raise InputError(f"{flag} {name}: {not_found_hint(name)} ({first_line(e)})") from None
+
+
+def not_found_hint(name):
+    """What to do about a model that did not load, fitting what the user already set."""
+    if Path(name).is_dir():
+        return "the directory needs config.json, model weights and tokenizer.json"
+    if constants.HF_HUB_OFFLINE:
+        return ("it is not a local directory, and HF_HUB_OFFLINE is set, so only the Hugging "
+                "Face cache was searched: pass a local directory, or unset HF_HUB_OFFLINE to "
+                "download it")
+    return ("it is not a local directory and could not be downloaded: check the name and "
+            "the network, or pass a local directory (offline: HF_HUB_OFFLINE=1)")
+
+
+class OneLinePerRetry(logging.Filter):
+    """huggingface_hub logs each failed try of a download twice, the second time as the
+    line "Retrying in 2s [Retry 2/5]"; the first, the whole urllib3 error, is dropped."""
+
+    def filter(self, record):
+        return "thrown while requesting" not in record.getMessage()
+
+
+logging.getLogger("huggingface_hub.utils._http").addFilter(OneLinePerRetry())
 
 
 def damaged_weights(name):

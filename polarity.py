@@ -11,20 +11,16 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 import data
 import judge
 from data import POLARITY, InputError
 from model import logits_at
 
-# How reviews are sampled: the command line's defaults, and train.py's samples.
-SAMPLING = dict(max_new_tokens=40, top_k=50, top_p=0.92, temperature=0.9,
-                repetition_penalty=1.2, no_repeat_ngram_size=3)
-# Classifier-free guidance: each token's log-probabilities given the requested polarity word
-# are pushed away from those given the other word, by this factor (1: off). Chosen by
-# measurement (benchmarks/polarity_control.py, README "Polarity control").
-GUIDANCE = 2.0
-CONTROL_SAMPLES = 100  # reviews of each polarity that train.py's evaluations write and judge
+from options import GUIDANCE, SAMPLING  # noqa: F401 (generate.py's defaults too)
+
+CONTROL_SAMPLES = 100  # reviews of each polarity written and judged at the final evaluation
 
 
 # --------------------------------------------------------------------------- writing reviews
@@ -185,8 +181,10 @@ def polarity_accuracy(model, tokenizer, features, backend, batch_size, max_examp
     dataset = PolarityBatches(features, tokenizer, max_examples, backend.fixed_shapes, batch_size)
     index_batches = data.eval_batches(len(dataset), batch_size, backend.world_size, backend.rank)
     loader = data.make_loader(dataset, index_batches, workers, backend.pin_memory)
+    batches = tqdm(backend.feed(loader), "polarity accuracy", len(loader), leave=False,
+                   disable=None if backend.is_master else True)  # None: off when not a terminal
     with backend.autocast():
-        counts = polarity_counts(model, tokenizer, backend.stoppable(backend.feed(loader)))
+        counts = polarity_counts(model, tokenizer, backend.stoppable(batches))
     correct, total = backend.all_reduce_sum(torch.stack(counts)).tolist()  # one host read
     return correct / total
 

@@ -1,10 +1,13 @@
 """What a run tells its user, without slowing the step down: the loss summed on the device
-and read once per report (`LossMeter`, `report`), metrics.jsonl, the evaluation lines, and
-the banner printed before training starts.
+and read once per report (`LossMeter`, `report`), metrics.jsonl and TensorBoard's event
+files, the evaluation lines, the banner printed before training starts, and an estimate of
+the run's length once the first report has timed its steps.
 """
 import json
+import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,11 +21,13 @@ class LossMeter:
     """Sums loss and tokens on the device between reports, so the host reads them once
     per report rather than once per step, and remembers the first non-finite step."""
 
-    def __init__(self, device, step):
+    def __init__(self, device, step, plan=None):
         self.device = device
         self.step = torch.tensor(step, device=device)
         self.first_bad_step = torch.tensor(0, device=device)  # 0: none so far
         self.nonfinite = None  # the host's message, once a report has seen a bad step
+        self.reported_step = step  # the host's count, at the last report
+        self.plan = plan  # what the estimate of the run's length needs; None: no estimate
         self.reset()
 
     def reset(self):
@@ -39,8 +44,14 @@ class LossMeter:
 
     def report(self, backend, log, bar, step, lr):
         """Report the sums so far (on XLA once the step's graph has run), and start anew."""
+        seconds = time.perf_counter() - self.started
         backend.on_host(write_report, log, self, self.loss_sum, self.tokens, self.first_bad_step,
-                        step, lr, time.perf_counter() - self.started, bar)
+                        step, lr, seconds, bar)
+        if self.plan and log.is_master and step < self.plan.total_steps:
+            # Timed at a report, which reads the device anyway: no wait of its own.
+            tqdm.write(self.plan.estimate(step, seconds / (step - self.reported_step)))
+        self.plan = None
+        self.reported_step = step
         self.reset()
 
     def check_finite(self):
@@ -61,13 +72,53 @@ def write_report(log, meter, loss_sum, tokens, first_bad_step, step, lr, seconds
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
 
 
+@dataclass
+class Plan:
+    """What remains of the run when training starts, for the estimate of its length."""
+    total_steps: int
+    evaluations: int             # still to come
+    eval_seconds: float = None   # one evaluation, when the run started with one
+
+    def estimate(self, step, seconds_per_step):
+        steps = self.total_steps - step
+        line = (f"timing: {seconds_per_step:.3g} s/step so far; the {steps:,} steps left take "
+                f"about {duration(steps * seconds_per_step)}")
+        if self.evaluations and self.eval_seconds is not None:
+            line += (f", plus {duration(self.evaluations * self.eval_seconds)} for "
+                     f"{evaluations(self.evaluations)} like the first")
+        elif self.evaluations:
+            line += f", plus {evaluations(self.evaluations)}"
+        return line
+
+
+def evaluations_after(step, total_steps, steps_per_epoch, eval_every):
+    """How many evaluations the loop runs after `step`: at each epoch's end, every
+    `eval_every` steps, and at the last step."""
+    return sum(1 for s in range(step + 1, total_steps + 1) if s % steps_per_epoch == 0
+               or s == total_steps or (eval_every and s % eval_every == 0))
+
+
+def evaluations(n):
+    return "1 evaluation" if n == 1 else f"{n} evaluations"
+
+
+def duration(seconds):
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 class MetricsLog:
     """metrics.jsonl, written by the master: one JSON event a line, with its step and
-    epoch (fractional)."""
+    epoch (fractional); and, with `tensorboard`, the same events as TensorBoard scalars
+    (the samples as text) in `tensorboard/` beside it, flushed at each event."""
 
-    def __init__(self, path, is_master, steps_per_epoch):
+    def __init__(self, path, is_master, steps_per_epoch, tensorboard=False):
         self.path, self.is_master = Path(path), is_master
         self.steps_per_epoch = steps_per_epoch
+        self.board = BoardWriter(self.path.parent / "tensorboard") if tensorboard else None
 
     def write(self, event, step):
         """Append `event`. A failed write (a full disk) is a warning, once: the master alone
@@ -82,12 +133,16 @@ class MetricsLog:
                 print(f"warning: could not write {self.path} ({data.first_line(e)}); training "
                       f"goes on without logging events there", file=sys.stderr)
                 self.path = None
+        if self.is_master and self.board:
+            self.board.write(event)
 
     def restart_after(self, step):
         """Keep the events up to `step` (None: none), where the run continues: a resumed
         run logs the later steps again, and a run that starts afresh owns the whole log. A
         line cut short by a kill is dropped too."""
-        if not self.path.exists():  # called on the master only (checkpoint.master_writes)
+        if self.board:  # called on the master only (checkpoint.master_writes)
+            self.board.restart_after(step)
+        if not self.path.exists():
             return
         kept = []
         for line in self.path.read_text(encoding="utf-8").splitlines():
@@ -100,6 +155,42 @@ class MetricsLog:
         with saving(self.path, previous=self.path.parent):
             data.write_atomically(self.path, lambda tmp: tmp.write_text("".join(kept),
                                                                          encoding="utf-8"))
+
+
+class BoardWriter:
+    """TensorBoard's event files, written by the master from the events of metrics.jsonl,
+    so that they cost the step nothing more: the values are already on the host."""
+    SCALARS = {"loss": "train/loss", "lr": "train/learning_rate",
+               "tokens_per_s": "train/tokens_per_s", "val_loss": "eval/val_loss",
+               "perplexity": "eval/perplexity", "polarity_accuracy": "eval/polarity_accuracy"}
+
+    def __init__(self, folder):
+        self.folder, self.writer = Path(folder), None
+        # Every run opens its events with a start at purge_step: TensorBoard takes each
+        # start after the first for a restart, and hides the points from that step on.
+        self.purge_step = 0
+
+    def restart_after(self, step):
+        """A resumed run hides what an earlier one logged after `step`; a fresh run
+        removes an earlier run's event files."""
+        if step is None:
+            for old in self.folder.glob("events.out.tfevents.*"):
+                old.unlink(missing_ok=True)
+        else:
+            self.purge_step = step + 1
+
+    def write(self, event):
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter  # seconds to import: only now
+            self.writer = SummaryWriter(self.folder, purge_step=self.purge_step)
+        for key, tag in self.SCALARS.items():
+            if key in event:
+                self.writer.add_scalar(tag, event[key], event["step"])
+        if event.get("samples"):
+            self.writer.add_text("samples", "\n\n".join(
+                f"**{word}** {review}" for word, review in event["samples"].items()),
+                event["step"])
+        self.writer.flush()  # a run killed at any moment keeps its curves
 
 
 def print_evaluation(step, result):
@@ -119,12 +210,16 @@ def print_banner(args, backend, train_features, val_features, steps_per_epoch, t
     global_batch = args.batch_size * backend.world_size * args.grad_accum_steps
     words = ("긍정 or 부정 before each review" if train_features.labels is not None
              else "none (no labels: plain language modelling)")
+    polarity_size = (min(args.polarity_eval_size, len(val_features))
+                     if train_features.labels is not None else 0)
     lines = [
         f"device:           {backend.describe()}",
         f"model:            {args.pretrained_model_name}",
         f"train examples:   {len(train_features):,} ({train_features.blank} blank skipped, "
         f"{train_features.truncated:,} cut to {args.max_seq_length} tokens)",
         f"val examples:     {len(val_features):,} ({val_features.blank} blank skipped)",
+        f"each evaluation:  loss on {min(args.eval_size or math.inf, len(val_features)):,} "
+        f"of them, polarity accuracy on {polarity_size:,}",
         f"polarity word:    {words}",
         f"batch:            {args.batch_size} x {backend.world_size} replicas x "
         f"{args.grad_accum_steps} accumulation = {global_batch} examples per step",

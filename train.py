@@ -4,20 +4,22 @@ request: every review is trained as `긍정 review</s>` or `부정 review</s>`.
     python train.py                                  # every TPU core, else one GPU, else CPU
     python train.py --device cpu --max_steps 20      # a smoke run
 
-Read it top to bottom: the arguments; the loss; `train_step`, one whole optimizer step;
+Read it top to bottom (its arguments are in options.py, parsed before torch loads): the loss; `train_step`, one whole optimizer step;
 evaluation; `train`, the loop that every backend enters (set up, then step, report,
 evaluate, save, stop); and `main`. The machinery has modules of its own: backend.py (where
 the loop runs: CPU, CUDA or every XLA device), checkpoint.py (what is saved, and how a run
 resumes), data.py (the corpus and its batches), model.py, sched.py (the learning rate) and
 polarity.py (reviews on request, and polarity accuracy).
 """
-import argparse
 import math
 import signal
 import sys
 import time
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+
+import options
+from options import check_args, parse_args
 
 
 def stopped_during_start_up(signum, frame):
@@ -27,6 +29,8 @@ def stopped_during_start_up(signum, frame):
 
 if __name__ == "__main__":  # Ctrl-C while torch loads or the corpus is tokenized: one line,
     signal.signal(signal.SIGINT, stopped_during_start_up)  # until main() installs StopSignal
+    first = parse_args()  # --help and a mistyped flag answered before torch loads
+    options.keep_xla_unloaded(first.device, first.tpu_cores)
 
 import torch
 import torch.nn.functional as F
@@ -41,118 +45,10 @@ from checkpoint import (CheckpointError, NonFiniteLoss, Progress, agreed_checkpo
                         check_fresh_start, check_output_shared, corpus_digest, exclusive,
                         export_best, find_resume_checkpoint, master_writes, restore,
                         save_checkpoint)
-from data import InputError
+from options import InputError
 from model import check_loadable, load_model, load_tokenizer, logits_at
-from reporting import LossMeter, MetricsLog, print_banner, print_evaluation
-
-
-# --------------------------------------------------------------------------- arguments
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description="Fine-tune KoGPT2 on NSMC with polarity-prefixed reviews.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # The tutorial's names (nlpbook's GenerationTrainArguments), so a reader finds each knob.
-    p.add_argument("--pretrained_model_name", default="skt/kogpt2-base-v2",
-                   help="hub name or local directory of a GPT-2-family model and its tokenizer")
-    p.add_argument("--downstream_corpus_name", default="nsmc",
-                   help="corpus folder under --downstream_corpus_root_dir, or the absolute "
-                        "path of one, holding ratings_train.txt and ratings_test.txt")
-    p.add_argument("--downstream_corpus_root_dir", default="~/Korpora",
-                   help="holds nsmc/ratings_train.txt and nsmc/ratings_test.txt; "
-                        "only missing files are downloaded")
-    p.add_argument("--downstream_model_dir", default="checkpoint-generation",
-                   help="output: the best model, checkpoint-<step>/ folders, metrics.jsonl")
-    p.add_argument("--max_seq_length", type=int, default=32,
-                   help="tokens per example, the polarity word and </s> included")
-    p.add_argument("--batch_size", type=int, default=32, help="examples per device per step")
-    p.add_argument("--learning_rate", type=float, default=5e-5,
-                   help="peak learning rate, reached at the end of the warm-up")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--tpu_cores", type=int, choices=[0, 1, 8], default=None,
-                   help="8: every core of the TPU host, 1: one core, 0: no TPU; "
-                        "unset: --device decides")
-    p.add_argument("--group_by_length", action="store_true",
-                   help="batches of reviews of similar lengths: less padding, faster steps")
-    p.add_argument("--cpu_workers", type=int, default=0,
-                   help="DataLoader worker processes; batches are slices of one "
-                        "pre-tokenized tensor, so 0 is fastest")
-    # Beyond the tutorial.
-    p.add_argument("--device", choices=["auto", "xla", "cuda", "cpu"], default="auto",
-                   help="auto: XLA when a TPU is attached (or PJRT_DEVICE names an "
-                        "accelerator), else CUDA when available, else CPU")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
-                   help="unset: bf16 on TPUs and on GPUs that support it, fp32 otherwise")
-    p.add_argument("--compile", action="store_true", help="torch.compile the forward pass "
-                   "and the loss together (CUDA and CPU; XLA compiles every step anyway)")
-    p.add_argument("--warmup_ratio", type=float, default=0.1,
-                   help="fraction of the optimizer steps spent warming up")
-    p.add_argument("--warmup_steps", type=int, default=None, help="overrides --warmup_ratio")
-    p.add_argument("--weight_decay", type=float, default=0.0,
-                   help="AdamW weight decay (never on biases and LayerNorm)")
-    p.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping")
-    p.add_argument("--grad_accum_steps", type=int, default=1,
-                   help="micro-batches per optimizer step")
-    p.add_argument("--max_steps", type=int, default=None,
-                   help="stop after this many optimizer steps (the schedule ends there too)")
-    p.add_argument("--log_every", type=int, default=50,
-                   help="optimizer steps between loss reports (each reads the device once)")
-    p.add_argument("--eval_every", type=int, default=None,
-                   help="also evaluate every N optimizer steps (always after each epoch)")
-    p.add_argument("--save_every_steps", type=int, default=None,
-                   help="also save a checkpoint every N optimizer steps (always after each epoch)")
-    p.add_argument("--keep_checkpoints", type=int, default=2,
-                   help="how many checkpoint-<step>/ folders to keep, newest first")
-    p.add_argument("--resume", default=None,
-                   help="a checkpoint-<step> folder, or 'latest' for the newest complete one "
-                        "in --downstream_model_dir")
-    p.add_argument("--overwrite_output_dir", action="store_true",
-                   help="start afresh in a --downstream_model_dir that holds an earlier run, "
-                        "deleting its checkpoints, metrics.jsonl and best model")
-    p.add_argument("--cache_dir", default=str(data.default_cache_dir()),
-                   help="where tokenized corpora are cached")
-    p.add_argument("--train_file", default=None,
-                   help="your own corpus instead of NSMC, with --val_file: NSMC's layout, "
-                        "'document<TAB>label' lines, or plain text (no labels, no polarity word)")
-    p.add_argument("--val_file", default=None, help="the validation file of --train_file")
-    p.add_argument("--polarity_eval_size", type=int, default=1000,
-                   help="validation reviews scored for polarity accuracy at each evaluation "
-                        "(0: none, and no control accuracy either)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    return p.parse_args(argv)
-
-
-def check_args(args):
-    """Reject values that cannot work, naming the flag; resolve paths once. Written as
-    `low <= value` so that NaN, which fails every comparison, is refused too."""
-    positive = ["max_seq_length", "batch_size", "epochs", "grad_accum_steps", "log_every"]
-    optional = ["max_steps", "eval_every", "save_every_steps", "keep_checkpoints"]
-    for name in positive + [n for n in optional if getattr(args, n) is not None]:
-        require(getattr(args, name) >= 1, name, getattr(args, name), "1 or more")
-    require(0 < args.learning_rate < math.inf, "learning_rate", args.learning_rate, "positive")
-    require(args.max_grad_norm > 0, "max_grad_norm", args.max_grad_norm,
-            "positive (inf: no clipping); 0 would stop learning, a negative one ascend")
-    require(0 <= args.weight_decay < math.inf, "weight_decay", args.weight_decay, "0 or more")
-    require(0 <= args.warmup_ratio <= 1, "warmup_ratio", args.warmup_ratio, "between 0 and 1")
-    require(args.warmup_steps is None or args.warmup_steps >= 0, "warmup_steps",
-            args.warmup_steps, "0 or more")
-    require(args.cpu_workers >= 0, "cpu_workers", args.cpu_workers, "0 or more")
-    require(args.polarity_eval_size >= 0, "polarity_eval_size", args.polarity_eval_size,
-            "0 or more")
-    require(0 <= args.seed < 2**32, "seed", args.seed, "between 0 and 2**32 - 1")
-    if args.tpu_cores == 0 and args.device == "xla":
-        raise InputError("--tpu_cores 0 contradicts --device xla; drop one of them")
-    # A local model is recorded by absolute path, so a resumed run from another
-    # working directory still finds it and compares equal.
-    if Path(args.pretrained_model_name).expanduser().is_dir():
-        args.pretrained_model_name = str(Path(args.pretrained_model_name).expanduser().resolve())
-    args.downstream_model_dir = str(Path(args.downstream_model_dir).expanduser())
-
-
-def require(ok, flag, value, what):
-    if not ok:
-        raise InputError(f"--{flag} must be {what}, got {value}")
+from reporting import (LossMeter, MetricsLog, Plan, evaluations_after, print_banner,
+                       print_evaluation)
 
 
 # --------------------------------------------------------------------------- the loss
@@ -220,7 +116,9 @@ def evaluate(model, tokenizer, val_loader, backend, args, loss_sum_fn=token_loss
     model.eval()
     loss_sum = torch.zeros((), device=backend.device)
     tokens = torch.zeros((), dtype=torch.long, device=backend.device)
-    for batch in backend.stoppable(backend.feed(val_loader)):
+    batches = tqdm(backend.feed(val_loader), "evaluate", len(val_loader), leave=False,
+                   disable=None if backend.is_master else True)  # None: off when not a terminal
+    for batch in backend.stoppable(batches):
         with backend.autocast():
             loss_sum += loss_sum_fn(model, batch)
         tokens += count_targets(batch)
@@ -262,7 +160,7 @@ def train(backend, args):
                                       backend.world_size, backend.rank, args.seed, lengths)
     train_loader = make_loader(train_features, train_batches, tokenizer, backend, args)
     val_loader = make_loader(val_features, data.eval_batches(
-        len(val_features), args.batch_size, backend.world_size, backend.rank),
+        len(val_features), args.batch_size, backend.world_size, backend.rank, args.eval_size),
         tokenizer, backend, args)
 
     check_output_shared(backend, out)
@@ -277,7 +175,8 @@ def train(backend, args):
     facts = {"world_size": backend.world_size, "corpus": corpus_digest(args)}
     progress = (restore(checkpoint, args, backend, optimizer, scheduler, facts) if checkpoint
                 else Progress())
-    log = MetricsLog(out / "metrics.jsonl", backend.is_master, steps_per_epoch)
+    log = MetricsLog(out / "metrics.jsonl", backend.is_master, steps_per_epoch,
+                     tensorboard=args.report_to == "tensorboard")
     master_writes(backend, lambda: log.restart_after(progress.step if checkpoint else None))
     if backend.is_master:
         print_banner(args, backend, train_features, val_features, steps_per_epoch,
@@ -294,14 +193,18 @@ def train(backend, args):
             progress.best_val_loss = result["val_loss"]
             export_best(out, backend, model, tokenizer, progress.step)
 
+    plan = Plan(total_steps, evaluations_after(progress.step, total_steps, steps_per_epoch,
+                                               args.eval_every))
     if progress.step == 0 or progress.eval_pending:  # the starting point, for comparison
+        started = time.perf_counter()
         try:
             evaluate_and_keep_best(export=progress.step > 0, final=progress.step == total_steps)
         except StopRequested:
             raise Interrupted.at(progress.step, StopSignal.signum, saved=progress.step > 0
                                  and checkpoint) from None
         progress.eval_pending = False
-    meter = LossMeter(backend.device, progress.step)
+        plan.eval_seconds = time.perf_counter() - started
+    meter = LossMeter(backend.device, progress.step, plan)  # the first report estimates the rest
     with tqdm(total=total_steps, initial=progress.step, desc="train", dynamic_ncols=True,
               disable=not backend.is_master) as bar:  # closed before any error is printed
         while progress.step < total_steps:

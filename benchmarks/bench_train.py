@@ -230,6 +230,13 @@ def build_model(args, tokenizer):
     return model
 
 
+def tokenizer_source(args):
+    """The tokenizer's name and the flag that gave it, for error messages."""
+    if args.pretrained_model_name:
+        return args.pretrained_model_name, "--pretrained_model_name"
+    return args.tokenizer, "--tokenizer"
+
+
 def setup(args):
     """What each loop's process starts with: backend, tokenizer, model."""
     from transformers.utils import logging
@@ -237,7 +244,7 @@ def setup(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     backend = make_backend(args)
-    tokenizer = load_tokenizer(args.pretrained_model_name or args.tokenizer)
+    tokenizer = load_tokenizer(*tokenizer_source(args))
     model = build_model(args, tokenizer)
     return backend, tokenizer, model
 
@@ -449,7 +456,10 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         check_args(args)
-        tokenizer = load_tokenizer(args.pretrained_model_name or args.tokenizer)
+        if not args.pretrained_model_name:  # said aloud: the default is KoGPT2's, on the hub
+            print(f"tokenizer: {args.tokenizer} (--tokenizer), for a randomly initialised "
+                  f"{args.model_shape}-shaped model", flush=True)
+        tokenizer = load_tokenizer(*tokenizer_source(args))
         features = first(prepare_data(args, tokenizer), args.max_examples)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)

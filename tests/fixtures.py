@@ -5,7 +5,7 @@ tokenizer trained on the fixture text, with KoGPT2's special tokens at KoGPT2's 
 a 2-layer GPT-2 saved with `save_pretrained`: the very files `from_pretrained` reads.
 
 Also a script, for real-data runs with a tiny model trained on NSMC's own text:
-    python tests/fixtures.py --corpus ../shared/data/nsmc/ratings_train.txt --out /tmp/tiny-kogpt2
+    python tests/fixtures.py --corpus ../shared/data/nsmc/ratings_train.txt --out tiny-kogpt2
 """
 import argparse
 import random
@@ -90,6 +90,8 @@ def build_tiny_kogpt2(out_dir, texts, vocab_size=400, **model_kwargs):
 
 
 if __name__ == "__main__":
+    import os  # built on the CPU: keep accelerate from importing torch_xla (and its warning)
+    os.environ.setdefault("USE_TORCH_XLA", "0")
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--corpus", required=True, help="an NSMC-format file to train the tokenizer on")
     p.add_argument("--out", required=True)

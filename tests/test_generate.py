@@ -127,6 +127,7 @@ def test_a_trained_model_tells_the_polarities_apart(trained, capsys):
 
 
 def test_an_untrained_model_scores_about_half(tiny_model, corpus, tmp_path, capsys):
+    (corpus / "nsmc" / "ratings_train.txt").unlink()  # --evaluate reads the test file alone
     argv = ["--evaluate", "--downstream_corpus_root_dir", str(corpus),
             "--cache_dir", str(tmp_path / "cache"), "--downstream_model_dir", str(tiny_model)]
     assert 0.3 <= accuracy_printed(capsys, argv) <= 0.7

@@ -1,0 +1,180 @@
+"""train.py's arguments, checked; and what must be decided before torch is imported. Only
+the standard library is used here, so that `--help` and a mistyped flag are answered at
+once, and so that a run that will not use XLA can keep torch_xla from loading at all.
+"""
+import argparse
+import glob
+import importlib.util
+import math
+import os
+from pathlib import Path
+
+# How reviews are sampled: generate.py's defaults, and train.py's samples.
+SAMPLING = dict(max_new_tokens=40, top_k=50, top_p=0.92, temperature=0.9,
+                repetition_penalty=1.2, no_repeat_ngram_size=3)
+# Classifier-free guidance: each token's log-probabilities given the requested polarity word
+# are pushed away from those given the other word, by this factor (1: off). Chosen by
+# measurement (benchmarks/polarity_control.py, README "Polarity control").
+GUIDANCE = 2.0
+
+
+class InputError(Exception):
+    """Something the user can fix (a file, a line, a flag): printed as one line, no traceback."""
+
+
+def default_cache_dir():
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "kogpt2-nsmc"
+
+
+# --------------------------------------------------------------------------- arguments
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Fine-tune KoGPT2 on NSMC with polarity-prefixed reviews.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # The tutorial's names (nlpbook's GenerationTrainArguments), so a reader finds each knob.
+    p.add_argument("--pretrained_model_name", default="skt/kogpt2-base-v2",
+                   help="hub name or local directory of a GPT-2-family model and its tokenizer")
+    p.add_argument("--downstream_corpus_name", default="nsmc",
+                   help="corpus folder under --downstream_corpus_root_dir, or the absolute "
+                        "path of one, holding ratings_train.txt and ratings_test.txt")
+    p.add_argument("--downstream_corpus_root_dir", default="~/Korpora",
+                   help="holds nsmc/ratings_train.txt and nsmc/ratings_test.txt; "
+                        "only missing files are downloaded")
+    p.add_argument("--downstream_model_dir", default="checkpoint-generation",
+                   help="output: the best model, checkpoint-<step>/ folders, metrics.jsonl")
+    p.add_argument("--max_seq_length", type=int, default=32,
+                   help="tokens per example, the polarity word and </s> included")
+    p.add_argument("--batch_size", type=int, default=32, help="examples per device per step")
+    p.add_argument("--learning_rate", type=float, default=5e-5,
+                   help="peak learning rate, reached at the end of the warm-up")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--tpu_cores", type=int, choices=[0, 1, 8], default=None,
+                   help="8: every core of the TPU host, 1: one core, 0: no TPU; "
+                        "unset: --device decides")
+    p.add_argument("--cpu_workers", type=int, default=0,
+                   help="DataLoader worker processes; batches are slices of one "
+                        "pre-tokenized tensor, so 0 is fastest")
+    # Beyond the tutorial.
+    p.add_argument("--device", choices=["auto", "xla", "cuda", "cpu"], default="auto",
+                   help="auto: XLA when a TPU is attached (or PJRT_DEVICE names an "
+                        "accelerator), else CUDA when available, else CPU")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                   help="unset: bf16 on TPUs and on GPUs that support it, fp32 otherwise")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the forward pass and the loss together (CUDA and CPU; "
+                        "XLA compiles every step anyway)")
+    p.add_argument("--group_by_length", action="store_true",
+                   help="batches of reviews of similar lengths, as Trainer's: less padding, "
+                        "faster steps, another data order")
+    p.add_argument("--warmup_ratio", type=float, default=0.1,
+                   help="fraction of the optimizer steps spent warming up")
+    p.add_argument("--warmup_steps", type=int, default=None, help="overrides --warmup_ratio")
+    p.add_argument("--weight_decay", type=float, default=0.0,
+                   help="AdamW weight decay (never on biases and LayerNorm)")
+    p.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping")
+    p.add_argument("--grad_accum_steps", type=int, default=1,
+                   help="micro-batches per optimizer step")
+    p.add_argument("--max_steps", type=int, default=None,
+                   help="stop after this many optimizer steps (the schedule ends there too)")
+    p.add_argument("--log_every", type=int, default=50,
+                   help="optimizer steps between loss reports (each reads the device once)")
+    p.add_argument("--eval_every", type=int, default=None,
+                   help="also evaluate every N optimizer steps (always after each epoch)")
+    p.add_argument("--save_every_steps", type=int, default=None,
+                   help="also save a checkpoint every N optimizer steps (always after each epoch)")
+    p.add_argument("--keep_checkpoints", type=int, default=2,
+                   help="how many checkpoint-<step>/ folders to keep, newest first")
+    p.add_argument("--resume", default=None,
+                   help="a checkpoint-<step> folder, or 'latest' for the newest complete one "
+                        "in --downstream_model_dir")
+    p.add_argument("--overwrite_output_dir", action="store_true",
+                   help="start afresh in a --downstream_model_dir that holds an earlier run, "
+                        "deleting its checkpoints, metrics.jsonl and best model")
+    p.add_argument("--cache_dir", default=str(default_cache_dir()),
+                   help="where tokenized corpora are cached")
+    p.add_argument("--train_file", default=None,
+                   help="your own corpus instead of NSMC, with --val_file: NSMC's layout, "
+                        "'document<TAB>label' lines, or plain text (no labels, no polarity word)")
+    p.add_argument("--val_file", default=None, help="the validation file of --train_file")
+    p.add_argument("--eval_size", type=int, default=2000,
+                   help="validation reviews (spread over the file) whose loss each evaluation "
+                        "measures (0: all of them)")
+    p.add_argument("--polarity_eval_size", type=int, default=500,
+                   help="validation reviews scored for polarity accuracy at each evaluation "
+                        "(0: none, and no control accuracy either)")
+    p.add_argument("--report_to", choices=["tensorboard", "none"], default="tensorboard",
+                   help="also write the metrics as TensorBoard event files in "
+                        "--downstream_model_dir/tensorboard (metrics.jsonl is always written)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    """Reject values that cannot work, naming the flag; resolve paths once. Written as
+    `low <= value` so that NaN, which fails every comparison, is refused too."""
+    positive = ["max_seq_length", "batch_size", "epochs", "grad_accum_steps", "log_every"]
+    optional = ["max_steps", "eval_every", "save_every_steps", "keep_checkpoints"]
+    for name in positive + [n for n in optional if getattr(args, n) is not None]:
+        require(getattr(args, name) >= 1, name, getattr(args, name), "1 or more")
+    require(0 < args.learning_rate < math.inf, "learning_rate", args.learning_rate, "positive")
+    require(args.max_grad_norm > 0, "max_grad_norm", args.max_grad_norm,
+            "positive (inf: no clipping); 0 would stop learning, a negative one ascend")
+    require(0 <= args.weight_decay < math.inf, "weight_decay", args.weight_decay, "0 or more")
+    require(0 <= args.warmup_ratio <= 1, "warmup_ratio", args.warmup_ratio, "between 0 and 1")
+    require(args.warmup_steps is None or args.warmup_steps >= 0, "warmup_steps",
+            args.warmup_steps, "0 or more")
+    require(args.cpu_workers >= 0, "cpu_workers", args.cpu_workers, "0 or more")
+    require(args.eval_size >= 0, "eval_size", args.eval_size, "0 (all) or more")
+    require(args.polarity_eval_size >= 0, "polarity_eval_size", args.polarity_eval_size,
+            "0 or more")
+    require(0 <= args.seed < 2**32, "seed", args.seed, "between 0 and 2**32 - 1")
+    if args.tpu_cores == 0 and args.device == "xla":
+        raise InputError("--tpu_cores 0 contradicts --device xla; drop one of them")
+    # A local model is recorded by absolute path, so a resumed run from another
+    # working directory still finds it and compares equal.
+    if Path(args.pretrained_model_name).expanduser().is_dir():
+        args.pretrained_model_name = str(Path(args.pretrained_model_name).expanduser().resolve())
+    args.downstream_model_dir = str(Path(args.downstream_model_dir).expanduser())
+
+
+def require(ok, flag, value, what):
+    if not ok:
+        raise InputError(f"--{flag} must be {what}, got {value}")
+
+
+# --------------------------------------------------------------------------- XLA or not
+
+# PCI ids of Google's TPU chips (the same list torch_xla reads); Google's vendor id alone
+# would also match its virtual network card.
+GOOGLE_PCI_VENDOR = "0x1ae0"
+TPU_PCI_DEVICES = {"0x0027", "0x005e", "0x0063", "0x006f", "0x0056", "0x0062", "0x0076"}
+
+
+def xla_accelerator():
+    """A TPU on the PCI bus, or PJRT_DEVICE naming an accelerator. Read without importing
+    torch_xla: importing it sets PJRT_DEVICE=CPU, with a warning, on every machine without
+    a TPU. XLA on the CPU is asked for with --device xla."""
+    if importlib.util.find_spec("torch_xla") is None:
+        return False
+    if os.environ.get("PJRT_DEVICE", "CPU") != "CPU":
+        return True
+    return any(read(vendor) == GOOGLE_PCI_VENDOR
+               and read(os.path.join(os.path.dirname(vendor), "device")) in TPU_PCI_DEVICES
+               for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"))
+
+
+def read(path):
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return ""
+
+
+def keep_xla_unloaded(device, tpu_cores=None):
+    """Before torch is imported: when the run will not use XLA, tell accelerate and
+    transformers (which import torch_xla when it is installed) to leave it alone."""
+    if device in ("cpu", "cuda") or tpu_cores == 0 or (device == "auto" and not tpu_cores
+                                                        and not xla_accelerator()):
+        os.environ.setdefault("USE_TORCH_XLA", "0")
