@@ -134,7 +134,12 @@ class MetricsLog:
                       f"goes on without logging events there", file=sys.stderr)
                 self.path = None
         if self.is_master and self.board:
-            self.board.write(event)
+            try:
+                self.board.write(event)
+            except OSError as e:  # as for metrics.jsonl: a warning, once
+                print(f"warning: could not write TensorBoard's events in {self.board.folder} "
+                      f"({data.first_line(e)}); training goes on without them", file=sys.stderr)
+                self.board = None
 
     def restart_after(self, step):
         """Keep the events up to `step` (None: none), where the run continues: a resumed
