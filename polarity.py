@@ -18,7 +18,7 @@ import judge
 from data import POLARITY, InputError
 from model import logits_at
 
-from options import GUIDANCE, SAMPLING  # noqa: F401 (generate.py's defaults too)
+from options import GUIDANCE, SAMPLING
 
 CONTROL_SAMPLES = 100  # reviews of each polarity written and judged at the final evaluation
 

@@ -110,7 +110,8 @@ def param_groups(model, weight_decay):
 # --------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def evaluate(model, tokenizer, val_loader, backend, args, loss_sum_fn=token_loss_sum, final=False):
+def evaluate(model, tokenizer, val_loader, backend, args, loss_sum_fn=token_loss_sum,
+             final=False):
     """Validation loss over every real token of the validation set (all replicas
     together), its perplexity, and how well the model keeps the polarities apart."""
     model.eval()
@@ -259,13 +260,15 @@ def due(step, every):
 
 def prepare(args):
     """Work done once on each host, before its replicas start: check the model name, find
-    or download the corpus, tokenize it into the cache. Replicas then only read the cache."""
+    or download the corpus, tokenize it into the cache, train the judge of control accuracy
+    when the final evaluation will use it. Replicas then only read the caches."""
     check_fresh_start(args.downstream_model_dir, args.resume, args.overwrite_output_dir)
     if args.resume != "latest":  # a path: check it here, not in the replicas
         find_resume_checkpoint(args.resume, args.downstream_model_dir)
     check_loadable(args.pretrained_model_name, "--pretrained_model_name", args.max_seq_length)
     corpus = data.load_corpus(args, load_tokenizer(args.pretrained_model_name))
-    polarity.corpus_judge(args, corpus)  # the judge of control accuracy, trained once
+    if args.polarity_eval_size:  # 0 skips control accuracy, and so the judge
+        polarity.corpus_judge(args, corpus)
 
 
 # Errors every replica raises together, which main turns into one line.
