@@ -11,6 +11,7 @@ A CPU/GPU-only copy of the loop can drop `XlaBackend`, `spawn_replicas` and `Rep
 single-process one `TorchrunBackend` too.
 """
 import contextlib
+import ctypes
 import importlib.util
 import multiprocessing
 import os
@@ -73,6 +74,21 @@ def check_gpu_per_process():
                          f"{gpus} or fewer")
 
 
+def keep_freed_memory():
+    """Have glibc keep the memory a CPU step frees for the next step. By default it gives
+    every block over 128 KiB (activations, logits, their gradients) back to the system as
+    soon as it is freed, and the next step takes it back, a page fault per 4 KiB page, each
+    page zeroed: on two cores, a fifth of the step. The process's peak is unchanged; it just
+    holds on to it. Nothing to do where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    libc.mallopt(m_mmap_threshold, 2**30)  # allocate from the heap, not a fresh mapping
+    libc.mallopt(m_trim_threshold, 2**30)  # and give the heap's top back only past 1 GiB
+
+
 class Backend:
     """The CPU or one CUDA GPU, in one process."""
     world_size = 1
@@ -87,6 +103,8 @@ class Backend:
         if kind == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores
             torch.backends.cudnn.allow_tf32 = True
+        if kind == "cpu":
+            keep_freed_memory()
 
     @property
     def is_master(self):

@@ -414,22 +414,39 @@ def write_atomically(path, write):
 class ReviewBatches(torch.utils.data.Dataset):
     """Indexed by a list of example indices, returns the whole batch in a few tensor ops.
 
-    `fixed_shape=True` (XLA) pads every batch to `max_seq_length` and to `batch_size` rows
-    (extra rows are all padding, so they add no loss) so one compiled graph serves every
-    step; otherwise a batch is cut to its longest example, which is less work, and lists
-    under "target_positions" the flat indices of the positions that predict a real token."""
+    `packed=True` lays the reviews end to end in as few rows of `max_seq_length` as they
+    fit in (see `pack`), each review seeing only itself: the loss, and so the training,
+    is that of the padded batch, with the transformer's work on padding mostly gone. A
+    packed batch has `review_ids` (which review of the batch each position holds, -1 on
+    padding) and `position_ids` (restarting at 0 with each review) where a padded batch
+    has `attention_mask`. In both, `labels` is -100 wherever nothing is to be predicted:
+    on padding, and in packed rows at each review's first token.
 
-    def __init__(self, features, pad_token_id, fixed_shape, batch_size):
+    `fixed_shape=True` (XLA) keeps the shapes few, so that each is compiled once: padded
+    batches are always `batch_size` rows of `max_seq_length` (extra rows are all padding),
+    packed ones round their row count up to a multiple of PACKED_ROWS_STEP. Otherwise a
+    padded batch is cut to its longest example, and "target_positions" lists the flat
+    indices of the positions that predict a real token, where the loss needs logits."""
+
+    def __init__(self, features, pad_token_id, fixed_shape, batch_size, packed=False):
         self.features = features
         self.pad_token_id = pad_token_id
         self.fixed_shape = fixed_shape
         self.batch_size = batch_size
+        self.packed = packed
 
     def __len__(self):
         return len(self.features)
 
     def __getitem__(self, indices):
         indices = torch.as_tensor(indices, dtype=torch.long)
+        batch = self.packed_batch(indices) if self.packed else self.padded_batch(indices)
+        if not self.fixed_shape:  # where the loss needs logits: before each real token
+            batch["target_positions"] = F.pad(batch["labels"][:, 1:] != -100,
+                                              (0, 1)).flatten().nonzero()[:, 0]
+        return batch
+
+    def padded_batch(self, indices):
         lengths = self.features.lengths[indices].long()
         width = self.features.input_ids.shape[1] if self.fixed_shape else int(lengths.max())
         input_ids = self.features.input_ids[indices, :width].long()
@@ -438,12 +455,53 @@ class ReviewBatches(torch.utils.data.Dataset):
             input_ids = torch.cat([input_ids, input_ids.new_full((missing, width), self.pad_token_id)])
             lengths = torch.cat([lengths, lengths.new_zeros(missing)])
         real = torch.arange(width) < lengths[:, None]
-        batch = {"input_ids": input_ids,
-                 "attention_mask": real.long(),
-                 "labels": input_ids.masked_fill(~real, -100)}
-        if not self.fixed_shape:  # where the loss needs logits: before each real token
-            batch["target_positions"] = F.pad(real[:, 1:], (0, 1)).flatten().nonzero()[:, 0]
-        return batch
+        return {"input_ids": input_ids,
+                "attention_mask": real.long(),
+                "labels": input_ids.masked_fill(~real, -100)}
+
+    def packed_batch(self, indices):
+        lengths = self.features.lengths[indices].long()
+        width = self.features.input_ids.shape[1]
+        row, column = pack(lengths.tolist(), width)
+        rows = max(row) + 1
+        if self.fixed_shape:
+            rows = math.ceil(rows / PACKED_ROWS_STEP) * PACKED_ROWS_STEP
+        # Token j of review i goes to flat position row[i] * width + column[i] + j.
+        offsets = torch.arange(width)
+        real = offsets < lengths[:, None]
+        where = (torch.tensor(row) * width + torch.tensor(column))[:, None] + offsets
+        where = where[real]
+        input_ids = torch.full((rows * width,), self.pad_token_id, dtype=torch.long)
+        input_ids[where] = self.features.input_ids[indices].long()[real]
+        review_ids = torch.full((rows * width,), -1, dtype=torch.long)
+        review_ids[where] = torch.arange(len(indices))[:, None].expand(-1, width)[real]
+        position_ids = torch.zeros(rows * width, dtype=torch.long)
+        position_ids[where] = offsets.expand(len(indices), -1)[real]
+        # No target at padding, nor at a review's first token: the token before it belongs
+        # to another review, which must not learn to predict it.
+        labels = input_ids.masked_fill((review_ids < 0) | (position_ids == 0), -100)
+        return {"input_ids": input_ids.view(rows, width),
+                "review_ids": review_ids.view(rows, width),
+                "position_ids": position_ids.view(rows, width),
+                "labels": labels.view(rows, width)}
+
+
+PACKED_ROWS_STEP = 4  # on XLA: one compiled graph per multiple of 4 rows that occurs
+
+
+def pack(lengths, width):
+    """Where each of reviews of `lengths` goes in rows of `width` positions: (row, column)
+    of its first token. First fit decreasing: longest first, each into the first row with
+    room. It fills all rows but the last few almost to the brim."""
+    row, column = [0] * len(lengths), [0] * len(lengths)
+    used = []  # positions taken in each row so far
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = next((r for r, taken in enumerate(used) if taken + lengths[i] <= width), len(used))
+        if r == len(used):
+            used.append(0)
+        row[i], column[i] = r, used[r]
+        used[r] += lengths[i]
+    return row, column
 
 
 class TrainBatches:

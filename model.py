@@ -59,6 +59,7 @@ def load_model(name, tokenizer, flag="--pretrained_model_name", device=None):
                              f"tokens after each position, so it would learn to copy the next "
                              f"token instead of predicting it; {CAUSAL_LM_HINT}")
         splits_off_output_layer(model)  # found here, before the model is moved or compiled
+        packs_reviews(model)
         if device is not None:
             model.to(device)
             # Moving to an XLA device copies each parameter, which unties GPT-2's output
@@ -83,19 +84,70 @@ def sees_the_future(model):
     return not torch.allclose(one, other, atol=1e-4)
 
 
-def logits_at(model, input_ids, attention_mask, positions=None):
-    """Logits [n, vocabulary] at `positions`, flat indices into input_ids' [rows x columns]
-    (None: at every position). The output layer, a product with the whole vocabulary, is
-    the largest of a step: it runs only at `positions`. No key/value cache is built (it
-    serves decoding token by token, which nothing here does)."""
+def logits_at(model, batch, positions=None):
+    """Logits [n, vocabulary] for `batch`'s input_ids at `positions`, flat indices into its
+    [rows x columns] (None: at every position). `batch` is padded rows (attention_mask) or
+    packed ones (review_ids, position_ids: see data.ReviewBatches). The output layer, a
+    product with the whole vocabulary, is the largest of a step: it runs only at
+    `positions`. No key/value cache is built (it serves decoding token by token, which
+    nothing here does)."""
     if not isinstance(model, PreTrainedModel):  # a wrapper around LogitsAt, such as DDP
-        return model(input_ids, attention_mask, positions)
-    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return model(batch, positions)
+    inputs = model_inputs(model, batch)
     if not splits_off_output_layer(model):
         logits = model(**inputs).logits.flatten(0, 1)
         return logits if positions is None else logits[positions]
     hidden = model.base_model(**inputs).last_hidden_state.flatten(0, 1)
     return model.get_output_embeddings()(hidden if positions is None else hidden[positions])
+
+
+def model_inputs(model, batch):
+    """The model's keyword arguments for a padded or a packed batch."""
+    if "review_ids" not in batch:
+        return dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    use_cache=False)
+    return dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                attention_mask=block_causal_mask(model, batch["review_ids"]), use_cache=False)
+
+
+def block_causal_mask(model, review_ids):
+    """[rows, 1, columns, columns]: the position in a row at column q sees column k when
+    k <= q and both hold the same review (padding, review -1, sees padding: a position that
+    sees nothing would turn attention's softmax into NaN). Given whole, as a 4-D mask,
+    transformers uses it as it is: True where attention goes for SDPA, an additive 0 or
+    -inf-like mask for the eager attention."""
+    columns = review_ids.shape[1]
+    causal = torch.ones(columns, columns, dtype=torch.bool, device=review_ids.device).tril()
+    sees = (review_ids[:, :, None] == review_ids[:, None, :]) & causal
+    sees = sees[:, None]
+    if model.config._attn_implementation == "sdpa":
+        return sees
+    return torch.zeros(sees.shape, device=sees.device).masked_fill(~sees, torch.finfo().min)
+
+
+def packs_reviews(model):
+    """Whether the model gives a packed row the logits it gives each review alone: true of
+    GPT-2 and other models with learned or rotary positions and SDPA or eager attention.
+    Tried once on two short inputs, without dropout, and remembered on the model."""
+    if not hasattr(model, "packing_works"):
+        training = model.training
+        alone = [torch.tensor([[0, 1, 2]]), torch.tensor([[3, 4]])]
+        row = {"input_ids": torch.tensor([[0, 1, 2, 3, 4]]),
+               "review_ids": torch.tensor([[0, 0, 0, 1, 1]]),
+               "position_ids": torch.tensor([[0, 1, 2, 0, 1]])}
+        with torch.no_grad():
+            model.eval()
+            try:
+                expected = torch.cat([model(input_ids=ids.to(model.device),
+                                            attention_mask=torch.ones_like(ids).to(model.device),
+                                            use_cache=False).logits[0] for ids in alone])
+                packed = model(**model_inputs(model, {k: v.to(model.device)
+                                                      for k, v in row.items()})).logits[0]
+                model.packing_works = torch.allclose(packed, expected, atol=1e-5)
+            except (TypeError, ValueError, RuntimeError):  # no position_ids, no 4-D masks
+                model.packing_works = False
+        model.train(training)
+    return model.packing_works
 
 
 class LogitsAt(torch.nn.Module):
@@ -108,8 +160,8 @@ class LogitsAt(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, positions=None):
-        return logits_at(self.model, input_ids, attention_mask, positions)
+    def forward(self, batch, positions=None):
+        return logits_at(self.model, batch, positions)
 
 
 def splits_off_output_layer(model):

@@ -65,6 +65,10 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the forward pass and the loss together (CUDA and CPU; "
                         "XLA compiles every step anyway)")
+    p.add_argument("--no_packing", action="store_true",
+                   help="pad each batch's reviews to a rectangle instead of packing them end "
+                        "to end in fewer rows (the same training either way; packing skips "
+                        "most of the padding's work)")
     p.add_argument("--group_by_length", action="store_true",
                    help="batches of reviews of similar lengths, as Trainer's: less padding, "
                         "faster steps, another data order")

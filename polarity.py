@@ -138,9 +138,10 @@ def review_log_prob(model, prefix, batch):
     prefix = prefix.expand(rows, -1)
     input_ids = torch.cat([prefix, batch["input_ids"]], dim=1)
     attention_mask = torch.cat([torch.ones_like(prefix), batch["attention_mask"]], dim=1)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
     if "review_positions" not in batch:  # XLA: every position, one shape
         targets = torch.cat([torch.full_like(prefix, -100), batch["labels"]], dim=1)
-        logits = logits_at(model, input_ids, attention_mask).unflatten(0, (rows, -1))
+        logits = logits_at(model, inputs).unflatten(0, (rows, -1))
         # Position t predicts token t+1; -100 (the prefix, padding) scores 0.
         return -F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), targets[:, 1:],
                                 ignore_index=-100, reduction="none").sum(dim=1)
@@ -148,8 +149,7 @@ def review_log_prob(model, prefix, batch):
     # just before it, column prefix_length - 1 + j of input_ids.
     where = batch["review_positions"]
     row, column = where // width, where % width
-    logits = logits_at(model, input_ids, attention_mask,
-                       row * input_ids.shape[1] + prefix.shape[1] - 1 + column)
+    logits = logits_at(model, inputs, row * input_ids.shape[1] + prefix.shape[1] - 1 + column)
     token_log_probs = -F.cross_entropy(logits.float(), batch["labels"].flatten()[where],
                                        reduction="none")
     return torch.zeros(rows, device=logits.device).index_add(0, row, token_log_probs)

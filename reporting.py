@@ -211,7 +211,7 @@ def print_evaluation(step, result):
 
 
 def print_banner(args, backend, train_features, val_features, steps_per_epoch, total_steps,
-                 warmup, checkpoint, progress):
+                 warmup, checkpoint, progress, packed):
     global_batch = args.batch_size * backend.world_size * args.grad_accum_steps
     words = ("긍정 or 부정 before each review" if train_features.labels is not None
              else "none (no labels: plain language modelling)")
@@ -227,7 +227,8 @@ def print_banner(args, backend, train_features, val_features, steps_per_epoch, t
         f"of them, polarity accuracy on {polarity_size:,}",
         f"polarity word:    {words}",
         f"batch:            {args.batch_size} x {backend.world_size} replicas x "
-        f"{args.grad_accum_steps} accumulation = {global_batch} examples per step",
+        f"{args.grad_accum_steps} accumulation = {global_batch} examples per step, "
+        f"{'packed end to end in rows' if packed else 'padded'}",
         f"steps:            {steps_per_epoch:,} per epoch, {total_steps:,} in all, "
         f"{warmup:,} warm-up, peak lr {args.learning_rate:g}",
         f"output:           {args.downstream_model_dir}",

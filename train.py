@@ -46,7 +46,7 @@ from checkpoint import (CheckpointError, NonFiniteLoss, Progress, agreed_checkpo
                         export_best, find_resume_checkpoint, master_writes, restore,
                         save_checkpoint)
 from options import InputError
-from model import check_loadable, load_model, load_tokenizer, logits_at
+from model import check_loadable, load_model, load_tokenizer, logits_at, packs_reviews
 from reporting import (LossMeter, MetricsLog, Plan, evaluations_after, print_banner,
                        print_evaluation)
 
@@ -54,11 +54,12 @@ from reporting import (LossMeter, MetricsLog, Plan, evaluations_after, print_ban
 # --------------------------------------------------------------------------- the loss
 
 def token_loss_sum(model, batch):
-    """Summed next-token cross-entropy over the real tokens of `batch`, logits only where a
-    target is: at the loader's target_positions, or everywhere in XLA's one-shape batches."""
+    """Summed next-token cross-entropy over the real tokens of `batch`, padded or packed,
+    logits only where a target is: at the loader's target_positions, or everywhere in
+    XLA's fixed-shape batches."""
     targets = F.pad(batch["labels"][:, 1:], (0, 1), value=-100).flatten()  # i predicts i+1
     where = batch.get("target_positions")
-    logits = logits_at(model, batch["input_ids"], batch["attention_mask"], where)
+    logits = logits_at(model, batch, where)
     return F.cross_entropy(logits.float(), targets if where is None else targets[where],
                            ignore_index=-100, reduction="sum")
 
@@ -139,9 +140,9 @@ def evaluate(model, tokenizer, val_loader, backend, args, loss_sum_fn=token_loss
 
 # --------------------------------------------------------------------------- set-up
 
-def make_loader(features, index_batches, tokenizer, backend, args):
+def make_loader(features, index_batches, tokenizer, backend, args, packed):
     dataset = data.ReviewBatches(features, tokenizer.pad_token_id, backend.fixed_shapes,
-                                 args.batch_size)
+                                 args.batch_size, packed)
     return data.make_loader(dataset, index_batches, args.cpu_workers, backend.pin_memory)
 
 
@@ -159,15 +160,17 @@ def train(backend, args):
     lengths = train_features.lengths if args.group_by_length else None
     train_batches = data.TrainBatches(len(train_features), args.batch_size,
                                       backend.world_size, backend.rank, args.seed, lengths)
-    train_loader = make_loader(train_features, train_batches, tokenizer, backend, args)
-    val_loader = make_loader(val_features, data.eval_batches(
-        len(val_features), args.batch_size, backend.world_size, backend.rank, args.eval_size),
-        tokenizer, backend, args)
-
     check_output_shared(backend, out)
     checkpoint = agreed_checkpoint(backend, args.resume, out)
     model = load_model(str(checkpoint or args.pretrained_model_name), tokenizer,
                        device=backend.device).train()
+    # XLA replicas must run one and the same graph, and packed batches differ in rows: there,
+    # every batch stays the full padded rectangle.
+    packed = not (args.no_packing or backend.fixed_shapes) and packs_reviews(model)
+    train_loader = make_loader(train_features, train_batches, tokenizer, backend, args, packed)
+    val_loader = make_loader(val_features, data.eval_batches(
+        len(val_features), args.batch_size, backend.world_size, backend.rank, args.eval_size),
+        tokenizer, backend, args, packed)
     optimizer = backend.optimizer(param_groups(model, args.weight_decay), args.learning_rate)
     warmup = sched.warmup_steps_for(total_steps, args.warmup_ratio, args.warmup_steps)
     scheduler = sched.linear_warmup_decay(optimizer, warmup, total_steps)
@@ -181,7 +184,7 @@ def train(backend, args):
     master_writes(backend, lambda: log.restart_after(progress.step if checkpoint else None))
     if backend.is_master:
         print_banner(args, backend, train_features, val_features, steps_per_epoch,
-                     total_steps, warmup, checkpoint, progress)
+                     total_steps, warmup, checkpoint, progress, packed)
 
     def evaluate_and_keep_best(export=True, final=False):
         result = evaluate(model, tokenizer, val_loader, backend, args, loss_fn, final)

@@ -1,8 +1,10 @@
 """Time our training loop against Hugging Face's `Trainer` on this machine: the same model,
-the same token ids, the same batch size and optimizer settings. Each loop runs twice: with
-the batches in random order (like for like: each batch padded to its longest review), and
-with batches of similar lengths (ours --group_by_length, Trainer's group_by_length=True:
-Trainer at its best). --compile compiles both (ours --compile, Trainer torch_compile=True).
+the same token ids, the same batch size and optimizer settings. Ours runs as train.py does
+by default (each batch's reviews packed end to end, in random order); then each loop runs
+with the batches in random order, each padded to its longest review (like for like: ours
+--no_packing), and with batches of similar lengths (ours --group_by_length --no_packing,
+Trainer's group_by_length=True: Trainer at its best). --compile compiles both (ours
+--compile, Trainer torch_compile=True).
 
     python benchmarks/bench_train.py --downstream_corpus_root_dir ../shared/data \
         --pretrained_model_name /tmp/tiny-kogpt2 --device cpu
@@ -35,7 +37,7 @@ import data  # noqa: E402
 import sched  # noqa: E402
 import train  # noqa: E402
 from data import InputError  # noqa: E402
-from model import load_model, load_tokenizer, splits_off_output_layer  # noqa: E402
+from model import load_model, load_tokenizer, packs_reviews, splits_off_output_layer  # noqa: E402
 from reporting import LossMeter  # noqa: E402
 
 # Randomly initialised GPT-2 shapes for --model_shape. `kogpt2` is skt/kogpt2-base-v2's exact
@@ -197,7 +199,7 @@ class CountedReviewBatches(data.ReviewBatches):
 
     def __getitem__(self, indices):
         batch = super().__getitem__(indices)
-        self.tokens.append(int(batch["attention_mask"].sum()))
+        self.tokens.append(int(self.features.lengths[indices].sum()))
         return batch
 
 
@@ -227,6 +229,7 @@ def build_model(args, tokenizer):
     config = GPT2Config(bos_token_id=0, eos_token_id=1, pad_token_id=3, **shape)
     model = GPT2LMHeadModel(config)
     splits_off_output_layer(model)  # as load_model does: found once, before compiling
+    packs_reviews(model)
     return model
 
 
@@ -289,7 +292,7 @@ def run_ours(args, features):
                                 backend.rank, args.seed,
                                 features.lengths if args.group_by_length else None)
     dataset = CountedReviewBatches(features, tokenizer.pad_token_id, backend.fixed_shapes,
-                                   args.batch_size)
+                                   args.batch_size, args.packed and packs_reviews(model))
     loader = data.make_loader(dataset, batches, 0, backend.pin_memory)
     meter = LossMeter(backend.device, 0)
     clock = Clock(args, backend.device)
@@ -376,27 +379,30 @@ def in_own_process(fn, args, features):
         return pool.submit(fn, args, features).result()
 
 
-# Each loop, in random order and grouped by length: (name, function, group_by_length).
-LOOPS = [("ours", run_ours, False), ("Trainer", run_trainer, False),
-         ("ours, grouped", run_ours, True), ("Trainer, grouped", run_trainer, True)]
+# (name, function, group_by_length, packed): ours as train.py runs by default (reviews
+# packed end to end, random order), then each loop padding batches in random order (like
+# for like), and grouped by length (Trainer at its best).
+LOOPS = [("ours", run_ours, False, True), ("ours, padded", run_ours, False, False),
+         ("Trainer", run_trainer, False, False),
+         ("ours, padded, grouped", run_ours, True, False),
+         ("Trainer, grouped", run_trainer, True, False)]
 
 
 def measure(args, features):
     """Each loop's results from --rounds processes, the loops taking turns: on a machine
     that other work shares, all then meet the same mix of quiet and busy spells."""
     loops = [loop for loop in LOOPS if not (args.no_grouped and loop[2])]
-    results = {name: [] for name, _, _ in loops}
+    results = {name: [] for name, *_ in loops}
     for _ in range(args.rounds):
-        for name, fn, grouped in list(loops):
+        for name, fn, grouped, packed in list(loops):
             try:
-                results[name].append(in_own_process(
-                    fn, argparse.Namespace(**{**vars(args), "group_by_length": grouped}),
-                    features))
+                results[name].append(in_own_process(fn, argparse.Namespace(
+                    **{**vars(args), "group_by_length": grouped, "packed": packed}), features))
             except Exception as e:
                 if fn is run_ours or args.device != "xla":
                     raise
                 print(f"{name}: skipped, it failed on XLA ({data.first_line(e)})")
-                loops.remove((name, fn, grouped))
+                loops.remove((name, fn, grouped, packed))
                 del results[name]
     return results
 
@@ -437,9 +443,9 @@ def print_table(rows):
     print(f"{'':32}" + "".join(f"{c:>13}" for c in columns))
     for name, row in rows.items():
         print(f"{name:32}" + "".join(f"{row[c]:13,.1f}" for c in columns))
-    ratios = {"ours/Trainer": ("ours", "Trainer"),
-              "ours/Trainer, both grouped": ("ours, grouped", "Trainer, grouped"),
-              "ours, grouped/Trainer's best": ("ours, grouped", best_trainer(rows))}
+    ratios = {"ours/Trainer's best": ("ours", best_trainer(rows)),
+              "ours, padded/Trainer": ("ours, padded", "Trainer"),
+              "both padded and grouped": ("ours, padded, grouped", "Trainer, grouped")}
     for label, (ours, theirs) in ratios.items():
         if ours in rows and theirs in rows:
             print(f"{label:32}" + "".join(f"{rows[ours][c] / rows[theirs][c]:12.2f}x"

@@ -83,7 +83,8 @@ class SeedRecipeBatches(data.ReviewBatches):
 
 def train_as_seed_recipe(argv):
     """train.py's main with the seed's batches for training and its evaluations' loss."""
-    def make_loader(features, index_batches, tokenizer, backend, args):
+    def make_loader(features, index_batches, tokenizer, backend, args, packed):
+        # Padded as the seed's batches are, whatever `packed` says.
         dataset = SeedRecipeBatches(features, tokenizer.pad_token_id, True, args.batch_size)
         dataset.eos_token_id = tokenizer.eos_token_id
         return data.make_loader(dataset, index_batches, args.cpu_workers, backend.pin_memory)

@@ -20,7 +20,7 @@ def test_benchmark_prints_data_timings_and_every_loop(tiny_model, corpus):
     assert any(line.lstrip().startswith("warm (load from the cache):") for line in lines)
     header = next(line for line in lines if "examples/s" in line and "tokens/s" in line)
     assert "ms/step" in header and "peak MiB" in header
-    rows = ("ours ", "Trainer ", "ours, grouped ", "Trainer, grouped ", "ours/Trainer ",
-            "ours/Trainer, both grouped ", "ours, grouped/Trainer's best ")
+    rows = ("ours ", "ours, padded ", "Trainer ", "ours, padded, grouped ", "Trainer, grouped ",
+            "ours/Trainer's best ", "ours, padded/Trainer ", "both padded and grouped ")
     for row in rows:
         assert any(line.startswith(row) for line in lines), row

@@ -1,4 +1,5 @@
 """train.py --compile: the compiled loss is the eager one."""
+import pytest
 import torch
 
 import backend
@@ -7,11 +8,12 @@ import train
 from model import load_model, load_tokenizer
 
 
-def test_compiled_loss_sum_equals_the_eager_one(tiny_model):
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_compiled_loss_sum_equals_the_eager_one(tiny_model, packed):
     tokenizer = load_tokenizer(str(tiny_model))
     texts = [" ".join(["정말"] * (1 + i % 7)) for i in range(8)]   # uneven lengths: padding
     features = data.encode(data.Reviews(texts, [i % 2 for i in range(8)]), tokenizer, 16)
-    batch = data.ReviewBatches(features, tokenizer.pad_token_id, False, 8)[list(range(8))]
+    batch = data.ReviewBatches(features, tokenizer.pad_token_id, False, 8, packed)[list(range(8))]
     model = load_model(str(tiny_model), tokenizer).eval()  # no dropout: both see one function
     compiled = backend.Backend("cpu", None).compile(train.token_loss_sum)
     torch.testing.assert_close(compiled(model, batch), train.token_loss_sum(model, batch))

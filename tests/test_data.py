@@ -110,6 +110,43 @@ def test_fixed_shape_batches_pad_rows_and_columns(tokenizer):
     assert (batch["labels"][1:] == -100).all()                    # filler rows add no loss
 
 
+def test_packing_fills_rows_without_overlap():
+    lengths = [7, 3, 5, 8, 2, 8, 1, 6]
+    row, column = data.pack(lengths, 8)
+    taken = set()
+    for r, c, n in zip(row, column, lengths):
+        cells = {(r, c + j) for j in range(n)}
+        assert c + n <= 8 and not cells & taken
+        taken |= cells
+    assert max(row) + 1 == 5  # 40 tokens fill 5 rows of 8 to the brim
+
+
+def test_packed_batches_hold_each_review_once_from_position_0(tokenizer):
+    reviews = data.Reviews(["최고", "정말 너무 재밌다 추천", "별로", "그냥 그렇다"], [1, 1, 0, 0])
+    features = data.encode(reviews, tokenizer, max_seq_length=16)
+    for fixed_shape in (False, True):
+        batch = data.ReviewBatches(features, tokenizer.pad_token_id, fixed_shape, 4,
+                                   packed=True)[[0, 1, 2, 3]]
+        rows = batch["input_ids"].shape[0]
+        if fixed_shape:  # one compiled graph per multiple of PACKED_ROWS_STEP rows
+            assert rows % data.PACKED_ROWS_STEP == 0
+        else:
+            assert rows < 4
+        assert ("target_positions" in batch) != fixed_shape
+        for i in range(4):
+            at = batch["review_ids"] == i
+            length = int(features.lengths[i])
+            assert batch["input_ids"][at].tolist() == features.input_ids[i, :length].tolist()
+            assert batch["position_ids"][at].tolist() == list(range(length))
+            # Every token is a target but the first, whose predecessor is another review's.
+            assert batch["labels"][at].tolist() == [-100] + batch["input_ids"][at][1:].tolist()
+        padding = batch["review_ids"] < 0
+        assert (batch["labels"][padding] == -100).all()
+        assert (batch["input_ids"][padding] == tokenizer.pad_token_id).all()
+        if not fixed_shape:
+            assert len(batch["target_positions"]) == int(features.lengths.sum()) - 4
+
+
 def test_cache_is_reused_and_keyed_by_content(tokenizer, corpus, tmp_path, monkeypatch):
     train_file = corpus / "nsmc" / "ratings_train.txt"
     first = data.load_features(train_file, tokenizer, 32, tmp_path / "cache")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import data
 import polarity
 import train
-from model import load_model, load_tokenizer, splits_off_output_layer
+from model import load_model, load_tokenizer, packs_reviews, splits_off_output_layer
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +59,41 @@ def test_fixed_shape_batches_give_the_same_loss(tiny_model, tokenizer, features)
     with torch.no_grad():
         torch.testing.assert_close(train.token_loss_sum(model, cut),
                                    train.token_loss_sum(model, fixed), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_batches_train_what_padded_batches_train(tiny_model, tokenizer, features,
+                                                       attention):
+    # Reviews end to end in fewer rows, each seeing only itself: the same loss and the
+    # same gradients as the padded batch, with either attention transformers offers.
+    model = load_model(str(tiny_model), tokenizer).eval()
+    model.config._attn_implementation = attention
+    del model.packing_works
+    assert packs_reviews(model)
+    reference = copy.deepcopy(model)
+    for fixed in (False, True):
+        padded, packed = (data.ReviewBatches(features, tokenizer.pad_token_id, fixed, 12,
+                                             packed)[list(range(12))] for packed in (False, True))
+        assert packed["input_ids"].numel() < padded["input_ids"].numel()
+        assert int(train.count_targets(packed)) == int(train.count_targets(padded))
+        loss = train.token_loss_sum(model, packed)
+        expected = full_logits_loss_sum(reference, padded)
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+        model.zero_grad()
+        reference.zero_grad()
+        loss.backward()
+        expected.backward()
+        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_a_model_that_cannot_pack_is_found_out(tiny_model, tokenizer):
+    # A model that ignores position_ids: packed rows would give its reviews other positions.
+    model = load_model(str(tiny_model), tokenizer)
+    forward = model.forward
+    model.forward = lambda position_ids=None, **inputs: forward(**inputs)
+    del model.packing_works
+    assert not packs_reviews(model)
 
 
 def test_review_scores_are_the_same_with_and_without_fixed_shapes(tiny_model, tokenizer,
