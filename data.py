@@ -424,9 +424,10 @@ class ReviewBatches(torch.utils.data.Dataset):
 
     `fixed_shape=True` (XLA) keeps the shapes few, so that each is compiled once: padded
     batches are always `batch_size` rows of `max_seq_length` (extra rows are all padding),
-    packed ones round their row count up to a multiple of PACKED_ROWS_STEP. Otherwise a
-    padded batch is cut to its longest example, and "target_positions" lists the flat
-    indices of the positions that predict a real token, where the loss needs logits."""
+    packed ones round their row count up to a multiple of PACKED_ROWS_STEP, or take the
+    count they are given with their indices (see `rows_for`). Otherwise a padded batch is
+    cut to its longest example, and "target_positions" lists the flat indices of the
+    positions that predict a real token, where the loss needs logits."""
 
     def __init__(self, features, pad_token_id, fixed_shape, batch_size, packed=False):
         self.features = features
@@ -438,9 +439,10 @@ class ReviewBatches(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.features)
 
-    def __getitem__(self, indices):
+    def __getitem__(self, item):
+        indices, rows = item if isinstance(item, tuple) else (item, None)
         indices = torch.as_tensor(indices, dtype=torch.long)
-        batch = self.packed_batch(indices) if self.packed else self.padded_batch(indices)
+        batch = self.packed_batch(indices, rows) if self.packed else self.padded_batch(indices)
         if not self.fixed_shape:  # where the loss needs logits: before each real token
             batch["target_positions"] = F.pad(batch["labels"][:, 1:] != -100,
                                               (0, 1)).flatten().nonzero()[:, 0]
@@ -459,13 +461,21 @@ class ReviewBatches(torch.utils.data.Dataset):
                 "attention_mask": real.long(),
                 "labels": input_ids.masked_fill(~real, -100)}
 
-    def packed_batch(self, indices):
+    def rows_for(self, index_batches):
+        """The rows, a multiple of PACKED_ROWS_STEP, that every one of `index_batches` fits
+        in when packed: XLA replicas run one graph, collectives and all, so the replicas'
+        batches of a step must have one shape."""
+        width = self.features.input_ids.shape[1]
+        rows = max(max(pack(self.features.lengths[indices].tolist(), width)[0]) + 1
+                   for indices in index_batches)
+        return min(math.ceil(rows / PACKED_ROWS_STEP) * PACKED_ROWS_STEP, self.batch_size)
+
+    def packed_batch(self, indices, rows=None):
         lengths = self.features.lengths[indices].long()
         width = self.features.input_ids.shape[1]
         row, column = pack(lengths.tolist(), width)
-        rows = max(row) + 1
-        if self.fixed_shape:
-            rows = math.ceil(rows / PACKED_ROWS_STEP) * PACKED_ROWS_STEP
+        if rows is None:
+            rows = self.rows_for([indices]) if self.fixed_shape else max(row) + 1
         # Token j of review i goes to flat position row[i] * width + column[i] + j.
         offsets = torch.arange(width)
         real = offsets < lengths[:, None]
@@ -486,7 +496,7 @@ class ReviewBatches(torch.utils.data.Dataset):
                 "labels": labels.view(rows, width)}
 
 
-PACKED_ROWS_STEP = 4  # on XLA: one compiled graph per multiple of 4 rows that occurs
+PACKED_ROWS_STEP = 8  # on XLA: one compiled graph per multiple of 8 rows that occurs
 
 
 def pack(lengths, width):
@@ -520,19 +530,39 @@ class TrainBatches:
         self.batch_size = batch_size
         self.lengths = lengths
         self.skip = 0
+        self.rows_for = None
+
+    def agree_on_rows(self, rows_for):
+        """Yield (indices, rows) where rows = `rows_for(every replica's indices)`: each
+        replica works out the others' batches of the step, which are a function of seed
+        and epoch, so all agree on the rows without a word between them."""
+        self.rows_for = rows_for
 
     def start_epoch(self, epoch, skip_batches=0):
         self.sampler.set_epoch(epoch)
         self.skip = skip_batches
 
     def __iter__(self):
-        if self.lengths is None:
-            batches = BatchSampler(self.sampler, self.batch_size, drop_last=True)
-        else:
-            generator = torch.Generator().manual_seed(self.sampler.seed + self.sampler.epoch)
-            batches = grouped_by_length(list(self.sampler), self.lengths, self.batch_size,
-                                        generator)
+        batches = self.replica_batches(self.sampler)
+        if self.rows_for is not None:
+            every = zip(*(self.replica_batches(self.replica_sampler(rank))
+                          for rank in range(self.sampler.num_replicas)))
+            batches = ((step[self.sampler.rank], self.rows_for(step)) for step in every)
         return itertools.islice(iter(batches), self.skip, None)
+
+    def replica_batches(self, sampler):
+        if self.lengths is None:
+            return BatchSampler(sampler, self.batch_size, drop_last=True)
+        generator = torch.Generator().manual_seed(sampler.seed + sampler.epoch)
+        return grouped_by_length(list(sampler), self.lengths, self.batch_size, generator)
+
+    def replica_sampler(self, rank):
+        """The sampler of replica `rank`, at this replica's epoch."""
+        own = self.sampler
+        sampler = DistributedSampler(own.dataset, num_replicas=own.num_replicas, rank=rank,
+                                     shuffle=True, seed=own.seed, drop_last=True)
+        sampler.set_epoch(own.epoch)
+        return sampler
 
     def __len__(self):
         return len(self.sampler) // self.batch_size - self.skip

@@ -143,6 +143,8 @@ def evaluate(model, tokenizer, val_loader, backend, args, loss_sum_fn=token_loss
 def make_loader(features, index_batches, tokenizer, backend, args, packed):
     dataset = data.ReviewBatches(features, tokenizer.pad_token_id, backend.fixed_shapes,
                                  args.batch_size, packed)
+    if packed and backend.fixed_shapes and isinstance(index_batches, data.TrainBatches):
+        index_batches.agree_on_rows(dataset.rows_for)  # one graph on every XLA replica
     return data.make_loader(dataset, index_batches, args.cpu_workers, backend.pin_memory)
 
 
@@ -164,9 +166,7 @@ def train(backend, args):
     checkpoint = agreed_checkpoint(backend, args.resume, out)
     model = load_model(str(checkpoint or args.pretrained_model_name), tokenizer,
                        device=backend.device).train()
-    # XLA replicas must run one and the same graph, and packed batches differ in rows: there,
-    # every batch stays the full padded rectangle.
-    packed = not (args.no_packing or backend.fixed_shapes) and packs_reviews(model)
+    packed = not args.no_packing and packs_reviews(model)
     train_loader = make_loader(train_features, train_batches, tokenizer, backend, args, packed)
     val_loader = make_loader(val_features, data.eval_batches(
         len(val_features), args.batch_size, backend.world_size, backend.rank, args.eval_size),

@@ -125,13 +125,11 @@ def test_packed_batches_hold_each_review_once_from_position_0(tokenizer):
     reviews = data.Reviews(["최고", "정말 너무 재밌다 추천", "별로", "그냥 그렇다"], [1, 1, 0, 0])
     features = data.encode(reviews, tokenizer, max_seq_length=16)
     for fixed_shape in (False, True):
-        batch = data.ReviewBatches(features, tokenizer.pad_token_id, fixed_shape, 4,
+        batch = data.ReviewBatches(features, tokenizer.pad_token_id, fixed_shape, 16,
                                    packed=True)[[0, 1, 2, 3]]
         rows = batch["input_ids"].shape[0]
-        if fixed_shape:  # one compiled graph per multiple of PACKED_ROWS_STEP rows
-            assert rows % data.PACKED_ROWS_STEP == 0
-        else:
-            assert rows < 4
+        # XLA: one compiled graph per multiple of PACKED_ROWS_STEP rows, not 16 rows of padding
+        assert rows == data.PACKED_ROWS_STEP if fixed_shape else rows < 4
         assert ("target_positions" in batch) != fixed_shape
         for i in range(4):
             at = batch["review_ids"] == i
@@ -195,6 +193,31 @@ def test_each_epoch_reshuffles_and_resume_skips_exactly(lengths):
     again = data.TrainBatches(100, 10, 1, 0, seed=7, lengths=lengths)  # a resumed run's
     again.start_epoch(1, skip_batches=3)
     assert list(again) == epoch1[3:]
+
+
+@pytest.mark.parametrize("lengths", [None, LENGTHS[:400]], ids=["shuffled", "grouped_by_length"])
+def test_xla_replicas_agree_on_the_rows_of_packed_batches(lengths):
+    # Each replica works the rows out alone, from every replica's batch of the step.
+    world, width = 4, 32
+    features = data.Features(torch.zeros(400, width, dtype=torch.int32),
+                             (LENGTHS[:400] % width + 1).int(), None)
+    dataset = data.ReviewBatches(features, 0, fixed_shape=True, batch_size=10, packed=True)
+    plain, agreed = [], []
+    for rank in range(world):
+        own, sharing = (data.TrainBatches(400, 10, world, rank, seed=7, lengths=lengths)
+                        for _ in range(2))
+        sharing.agree_on_rows(dataset.rows_for)
+        for batches in (own, sharing):
+            batches.start_epoch(1, skip_batches=2)
+        plain.append(list(own))
+        agreed.append(list(sharing))
+    for step in range(len(plain[0])):
+        rows = {agreed[rank][step][1] for rank in range(world)}
+        assert [agreed[rank][step][0] for rank in range(world)] == [p[step] for p in plain]
+        assert rows == {dataset.rows_for([p[step] for p in plain])}
+        assert {dataset[agreed[rank][step]]["input_ids"].shape for rank in range(world)} == \
+            {(rows.pop(), width)}
+    assert len({a[1] for rank in agreed for a in rank}) > 1  # not simply the most rows
 
 
 def test_grouping_by_length_takes_as_many_reviews_with_less_padding():
