@@ -196,10 +196,13 @@ class CountedReviewBatches(data.ReviewBatches):
     def __init__(self, *args):
         super().__init__(*args)
         self.tokens = []
+        self.positions = []  # the batch's rows x columns: what the transformer runs on
 
-    def __getitem__(self, indices):
-        batch = super().__getitem__(indices)
+    def __getitem__(self, item):
+        batch = super().__getitem__(item)
+        indices = item[0] if isinstance(item, tuple) else item
         self.tokens.append(int(self.features.lengths[indices].sum()))
+        self.positions.append(batch["input_ids"].numel())
         return batch
 
 
@@ -306,7 +309,9 @@ def run_ours(args, features):
         clock.tick(step)
         if step == total:
             break
-    return result(clock, dataset.tokens, model, backend)
+    return {**result(clock, dataset.tokens, model, backend),
+            "rows": sum(dataset.positions) / len(dataset.positions) / features.input_ids.shape[1],
+            "real": sum(dataset.tokens) / sum(dataset.positions)}
 
 
 def epochs(backend, loader, batches):
@@ -432,6 +437,10 @@ def print_report(results, args, n_examples):
           f"real (non-padding) ones; peak memory: "
           f"{'CUDA allocated' if args.device == 'cuda' else 'process RSS'}")
     for name, processes in results.items():
+        if "rows" in processes[0]:
+            print(f"  {name}: {processes[0]['rows']:.1f} rows of {args.max_seq_length} "
+                  f"positions per batch on average, {processes[0]['real']:.0%} of them "
+                  f"real tokens")
         if processes[0]["compiles"]:
             counts = ", ".join(f"{p['compiles'][0]} -> {p['compiles'][-1]}" for p in processes)
             print(f"  XLA compilations ({name}), after warm-up -> at the end: {counts}")

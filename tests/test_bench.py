@@ -1,6 +1,7 @@
 """The benchmark runs end to end at a tiny size and prints its tables (no timing checks:
 a test machine's speed says nothing about the code)."""
 import os
+import re
 import subprocess
 import sys
 
@@ -24,3 +25,8 @@ def test_benchmark_prints_data_timings_and_every_loop(tiny_model, corpus):
             "ours/Trainer's best ", "ours, padded/Trainer ", "both padded and grouped ")
     for row in rows:
         assert any(line.startswith(row) for line in lines), row
+    packed, padded = (next(line for line in lines if line.lstrip().startswith(f"{name}: "))
+                      for name in ("ours", "ours, padded"))
+    assert "rows of 32 positions per batch on average" in packed
+    share = [int(re.search(r"(\d+)% of them real tokens", line)[1]) for line in (packed, padded)]
+    assert share[0] > share[1]  # packing: more of what the transformer runs on is real
