@@ -95,6 +95,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--data_only", action="store_true",
                    help="time the data preparation only")
+    p.add_argument("--glibc_defaults", action="store_true",
+                   help="CPU: leave glibc's allocator as it is in both loops, instead of "
+                        "keeping freed memory as train.py does (backend.keep_freed_memory)")
     p.add_argument("--no_grouped", action="store_true",
                    help="skip the runs with batches grouped by length")
     return p.parse_args(argv)
@@ -249,6 +252,8 @@ def setup(args):
     logging.set_verbosity_error()  # keep the table readable
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.glibc_defaults:
+        backends.keep_freed_memory = lambda: None
     backend = make_backend(args)
     tokenizer = load_tokenizer(*tokenizer_source(args))
     model = build_model(args, tokenizer)
@@ -431,7 +436,8 @@ def print_report(results, args, n_examples):
     model = args.pretrained_model_name or f"random {args.model_shape}-shaped GPT-2"
     print(f"\ntraining: {first['device']}, {model} ({first['params'] / 1e6:.1f}M parameters), "
           f"{n_examples:,} examples, batch {args.batch_size}, max_seq_length "
-          f"{args.max_seq_length}{', torch.compile' if args.compile else ''}")
+          f"{args.max_seq_length}{', torch.compile' if args.compile else ''}"
+          f"{', glibc allocator defaults' if args.glibc_defaults else ''}")
     print(f"  {args.rounds} process(es) per loop, each {args.warmup_steps} warm-up steps then "
           f"{args.repeats} x {args.steps} timed steps; medians over the repeats; tokens: "
           f"real (non-padding) ones; peak memory: "
@@ -439,8 +445,8 @@ def print_report(results, args, n_examples):
     for name, processes in results.items():
         if "rows" in processes[0]:
             print(f"  {name}: {processes[0]['rows']:.1f} rows of {args.max_seq_length} "
-                  f"positions per batch on average, {processes[0]['real']:.0%} of them "
-                  f"real tokens")
+                  f"positions per batch on average (padded: cut to the longest review), "
+                  f"{processes[0]['real']:.0%} of them real tokens")
         if processes[0]["compiles"]:
             counts = ", ".join(f"{p['compiles'][0]} -> {p['compiles'][-1]}" for p in processes)
             print(f"  XLA compilations ({name}), after warm-up -> at the end: {counts}")
