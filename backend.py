@@ -78,14 +78,16 @@ def keep_freed_memory():
     """Have glibc keep the memory a CPU step frees for the next step. By default it gives
     every block over 128 KiB (activations, logits, their gradients) back to the system as
     soon as it is freed, and the next step takes it back, a page fault per 4 KiB page, each
-    page zeroed: on two cores, a fifth of the step. The process's peak is unchanged; it just
-    holds on to it. Nothing to do where the C library is not glibc."""
+    page zeroed: on two cores, a quarter to a third of the step. The process's peak is
+    unchanged; it just holds on to it. Nothing to do where the C library is not glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return
     m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-    libc.mallopt(m_mmap_threshold, 2**30)  # allocate from the heap, not a fresh mapping
+    # Allocate from the heap, not a fresh mapping; glibc before 2.26 takes at most 32 MiB.
+    if not libc.mallopt(m_mmap_threshold, 2**30):
+        libc.mallopt(m_mmap_threshold, 2**25)
     libc.mallopt(m_trim_threshold, 2**30)  # and give the heap's top back only past 1 GiB
 
 
@@ -199,7 +201,7 @@ class Backend:
 class XlaBackend(Backend):
     """PyTorch/XLA: one replica per TPU chip (or core). Replicas are processes, or threads
     of one process (two per process on TPU v2/v3 hosts, all of them on XLA:CPU)."""
-    fixed_shapes = True  # one compiled graph for every step
+    fixed_shapes = True  # few shapes, each compiled once
 
     def __init__(self, precision):
         import torch_xla

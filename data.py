@@ -411,16 +411,23 @@ def write_atomically(path, write):
 
 # --------------------------------------------------------------------------- batches
 
+PACKED_ROWS_STEP = 8  # on XLA: one compiled graph per multiple of 8 rows that occurs
+
+
 class ReviewBatches(torch.utils.data.Dataset):
     """Indexed by a list of example indices, returns the whole batch in a few tensor ops.
 
     `packed=True` lays the reviews end to end in as few rows of `max_seq_length` as they
-    fit in (see `pack`), each review seeing only itself: the loss, and so the training,
-    is that of the padded batch, with the transformer's work on padding mostly gone. A
+    fit in (see `pack`), each review seeing only itself: the loss and its gradients are
+    those of the padded batch, with the transformer's work on padding mostly gone. A
     packed batch has `review_ids` (which review of the batch each position holds, -1 on
     padding) and `position_ids` (restarting at 0 with each review) where a padded batch
-    has `attention_mask`. In both, `labels` is -100 wherever nothing is to be predicted:
-    on padding, and in packed rows at each review's first token.
+    has `attention_mask`. In both, `labels` is -100 on padding; in packed rows also at each
+    review's first token, whose predecessor belongs to another review. (The loss predicts
+    labels[:, 1:], so a row's first label is never a target.)
+
+    A batch is indexed by a list of example indices, or on XLA by (indices, rows): the
+    row count that every replica's packed batch of the step fits in (see `rows_for`).
 
     `fixed_shape=True` (XLA) keeps the shapes few, so that each is compiled once: padded
     batches are always `batch_size` rows of `max_seq_length` (extra rows are all padding),
@@ -496,12 +503,9 @@ class ReviewBatches(torch.utils.data.Dataset):
                 "labels": labels.view(rows, width)}
 
 
-PACKED_ROWS_STEP = 8  # on XLA: one compiled graph per multiple of 8 rows that occurs
-
-
 def pack(lengths, width):
-    """Where each of reviews of `lengths` goes in rows of `width` positions: (row, column)
-    of its first token. First fit decreasing: longest first, each into the first row with
+    """Where each review (of `lengths` tokens) goes in rows of `width` positions: (row,
+    column) of its first token. First fit decreasing: longest first, each into the first row with
     room. It fills all rows but the last few almost to the brim."""
     row, column = [0] * len(lengths), [0] * len(lengths)
     used = []  # positions taken in each row so far
@@ -530,25 +534,38 @@ class TrainBatches:
         self.batch_size = batch_size
         self.lengths = lengths
         self.skip = 0
-        self.rows_for = None
+        self.shared_rows = None
+        self.window = 1
 
-    def agree_on_rows(self, rows_for):
-        """Yield (indices, rows) where rows = `rows_for(every replica's indices)`: each
-        replica works out the others' batches of the step, which are a function of seed
-        and epoch, so all agree on the rows without a word between them."""
-        self.rows_for = rows_for
+    def agree_on_rows(self, rows_for, window=1):
+        """From now on, yield (indices, rows) where rows = `rows_for(batches)` over every
+        replica's batches of the step's `window` micro-batches: each replica works out the
+        others' batches, a function of seed and epoch, so that all agree on the rows without
+        a word between them, and a step's micro-batches share one shape (on XLA a step is
+        one graph, however many micro-batches it holds)."""
+        self.shared_rows, self.window = rows_for, window
 
     def start_epoch(self, epoch, skip_batches=0):
         self.sampler.set_epoch(epoch)
         self.skip = skip_batches
 
     def __iter__(self):
-        batches = self.replica_batches(self.sampler)
-        if self.rows_for is not None:
+        if self.shared_rows is None:
+            batches = self.replica_batches(self.sampler)
+        else:
             every = zip(*(self.replica_batches(self.replica_sampler(rank))
                           for rank in range(self.sampler.num_replicas)))
-            batches = ((step[self.sampler.rank], self.rows_for(step)) for step in every)
+            batches = self.with_shared_rows(every)
         return itertools.islice(iter(batches), self.skip, None)
+
+    def with_shared_rows(self, every):
+        """(this replica's batch, rows) for each of `every` (all replicas' batches of each
+        micro-batch), the rows agreed over each window of micro-batches, counted from the
+        start of the epoch so that a resumed run cuts the same windows."""
+        for window in windows(every, self.window):
+            rows = self.shared_rows([batch for batches in window for batch in batches])
+            for batches in window:
+                yield batches[self.sampler.rank], rows
 
     def replica_batches(self, sampler):
         if self.lengths is None:

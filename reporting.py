@@ -228,7 +228,8 @@ def print_banner(args, backend, train_features, val_features, steps_per_epoch, t
         f"polarity word:    {words}",
         f"batch:            {args.batch_size} x {backend.world_size} replicas x "
         f"{args.grad_accum_steps} accumulation = {global_batch} examples per step, "
-        f"{'packed end to end in rows' if packed else 'padded'}",
+        f"{'packed end to end in rows' if packed else 'padded'}"
+        f"{'' if packed or args.no_packing else ' (this model cannot take packed rows)'}",
         f"steps:            {steps_per_epoch:,} per epoch, {total_steps:,} in all, "
         f"{warmup:,} warm-up, peak lr {args.learning_rate:g}",
         f"output:           {args.downstream_model_dir}",

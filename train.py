@@ -144,7 +144,8 @@ def make_loader(features, index_batches, tokenizer, backend, args, packed):
     dataset = data.ReviewBatches(features, tokenizer.pad_token_id, backend.fixed_shapes,
                                  args.batch_size, packed)
     if packed and backend.fixed_shapes and isinstance(index_batches, data.TrainBatches):
-        index_batches.agree_on_rows(dataset.rows_for)  # one graph on every XLA replica
+        # XLA: one graph for all replicas and all micro-batches of a step
+        index_batches.agree_on_rows(dataset.rows_for, args.grad_accum_steps)
     return data.make_loader(dataset, index_batches, args.cpu_workers, backend.pin_memory)
 
 

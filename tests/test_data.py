@@ -196,9 +196,11 @@ def test_each_epoch_reshuffles_and_resume_skips_exactly(lengths):
 
 
 @pytest.mark.parametrize("lengths", [None, LENGTHS[:400]], ids=["shuffled", "grouped_by_length"])
-def test_xla_replicas_agree_on_the_rows_of_packed_batches(lengths):
-    # Each replica works the rows out alone, from every replica's batch of the step.
-    world, width = 4, 32
+@pytest.mark.parametrize("window", [1, 3], ids=["one micro-batch", "3 accumulated"])
+def test_xla_replicas_agree_on_the_rows_of_packed_batches(lengths, window):
+    # Each replica works the rows out alone, from every replica's batches of the step (all
+    # its micro-batches), and a resumed run (skipping 3 micro-batches) cuts the same windows.
+    world, width, skip = 4, 32, 3
     features = data.Features(torch.zeros(400, width, dtype=torch.int32),
                              (LENGTHS[:400] % width + 1).int(), None)
     dataset = data.ReviewBatches(features, 0, fixed_shape=True, batch_size=10, packed=True)
@@ -206,17 +208,21 @@ def test_xla_replicas_agree_on_the_rows_of_packed_batches(lengths):
     for rank in range(world):
         own, sharing = (data.TrainBatches(400, 10, world, rank, seed=7, lengths=lengths)
                         for _ in range(2))
-        sharing.agree_on_rows(dataset.rows_for)
+        sharing.agree_on_rows(dataset.rows_for, window)
         for batches in (own, sharing):
-            batches.start_epoch(1, skip_batches=2)
+            batches.start_epoch(1)
         plain.append(list(own))
         agreed.append(list(sharing))
-    for step in range(len(plain[0])):
-        rows = {agreed[rank][step][1] for rank in range(world)}
-        assert [agreed[rank][step][0] for rank in range(world)] == [p[step] for p in plain]
-        assert rows == {dataset.rows_for([p[step] for p in plain])}
-        assert {dataset[agreed[rank][step]]["input_ids"].shape for rank in range(world)} == \
-            {(rows.pop(), width)}
+        sharing.start_epoch(1, skip_batches=skip)
+        assert list(sharing) == agreed[rank][skip:]
+    steps = len(plain[0])
+    for start in range(0, steps, window):
+        micro_batches = range(start, min(start + window, steps))
+        expected = dataset.rows_for([p[i] for p in plain for i in micro_batches])
+        for i in micro_batches:
+            assert [agreed[rank][i] for rank in range(world)] == [(p[i], expected) for p in plain]
+            assert {dataset[agreed[rank][i]]["input_ids"].shape for rank in range(world)} == \
+                {(expected, width)}
     assert len({a[1] for rank in agreed for a in rank}) > 1  # not simply the most rows
 
 
