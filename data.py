@@ -461,7 +461,8 @@ class ReviewBatches(torch.utils.data.Dataset):
         input_ids = self.features.input_ids[indices, :width].long()
         if self.fixed_shape and len(indices) < self.batch_size:
             missing = self.batch_size - len(indices)
-            input_ids = torch.cat([input_ids, input_ids.new_full((missing, width), self.pad_token_id)])
+            input_ids = torch.cat([input_ids,
+                                   input_ids.new_full((missing, width), self.pad_token_id)])
             lengths = torch.cat([lengths, lengths.new_zeros(missing)])
         real = torch.arange(width) < lengths[:, None]
         return {"input_ids": input_ids,
@@ -473,16 +474,20 @@ class ReviewBatches(torch.utils.data.Dataset):
         in when packed: XLA replicas run one graph, collectives and all, so the replicas'
         batches of a step must have one shape."""
         width = self.features.input_ids.shape[1]
-        rows = max(max(pack(self.features.lengths[indices].tolist(), width)[0]) + 1
-                   for indices in index_batches)
-        return min(math.ceil(rows / PACKED_ROWS_STEP) * PACKED_ROWS_STEP, self.batch_size)
+        needed = [max(pack(self.features.lengths[indices].tolist(), width)[0]) + 1
+                  for indices in index_batches]
+        return self.fixed_rows(max(needed))
+
+    def fixed_rows(self, needed):
+        """`needed` rounded up to a multiple of PACKED_ROWS_STEP, at most batch_size."""
+        return min(math.ceil(needed / PACKED_ROWS_STEP) * PACKED_ROWS_STEP, self.batch_size)
 
     def packed_batch(self, indices, rows=None):
         lengths = self.features.lengths[indices].long()
         width = self.features.input_ids.shape[1]
         row, column = pack(lengths.tolist(), width)
         if rows is None:
-            rows = self.rows_for([indices]) if self.fixed_shape else max(row) + 1
+            rows = self.fixed_rows(max(row) + 1) if self.fixed_shape else max(row) + 1
         # Token j of review i goes to flat position row[i] * width + column[i] + j.
         offsets = torch.arange(width)
         real = offsets < lengths[:, None]
@@ -505,8 +510,8 @@ class ReviewBatches(torch.utils.data.Dataset):
 
 def pack(lengths, width):
     """Where each review (of `lengths` tokens) goes in rows of `width` positions: (row,
-    column) of its first token. First fit decreasing: longest first, each into the first row with
-    room. It fills all rows but the last few almost to the brim."""
+    column) of its first token. First fit decreasing: longest first, each into the first
+    row with room. It fills all rows but the last few almost to the brim."""
     row, column = [0] * len(lengths), [0] * len(lengths)
     used = []  # positions taken in each row so far
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):

@@ -4,12 +4,13 @@ request: every review is trained as `긍정 review</s>` or `부정 review</s>`.
     python train.py                                  # every TPU core, else one GPU, else CPU
     python train.py --device cpu --max_steps 20      # a smoke run
 
-Read it top to bottom (its arguments are in options.py, parsed before torch loads): the loss; `train_step`, one whole optimizer step;
-evaluation; `train`, the loop that every backend enters (set up, then step, report,
-evaluate, save, stop); and `main`. The machinery has modules of its own: backend.py (where
-the loop runs: CPU, CUDA or every XLA device), checkpoint.py (what is saved, and how a run
-resumes), data.py (the corpus and its batches), model.py, sched.py (the learning rate) and
-polarity.py (reviews on request, and polarity accuracy).
+Read it top to bottom (its arguments are in options.py, parsed before torch loads): the
+loss; `train_step`, one whole optimizer step; evaluation; `train`, the loop that every
+backend enters (set up, then step, report, evaluate, save, stop); and `main`. The machinery
+has modules of its own: backend.py (where the loop runs: CPU, CUDA or every XLA device),
+checkpoint.py (what is saved, and how a run resumes), data.py (the corpus and its batches),
+model.py, sched.py (the learning rate) and polarity.py (reviews on request, and polarity
+accuracy).
 """
 import math
 import signal
