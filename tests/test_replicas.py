@@ -61,6 +61,17 @@ def max_weight_difference(a, b):
     return max((wa[k] - wb[k]).abs().max().item() for k in wa)
 
 
+def assert_same_weights(trained, reference, initial):
+    """`trained` and `reference`, both trained from `initial`, agree to 1% of how far
+    training moved the weights. Not to a fixed 1e-5: a batch split another way sums its
+    gradients in another order, and AdamW divides each gradient by its running size, so
+    for a weight whose gradient is near zero that rounding moves the update by a sizeable
+    share of the learning rate (1.2e-5 of a 3e-3 move, seen on one CPU and not another).
+    A batch whose parts were not averaged would miss by the size of the move itself."""
+    moved = max_weight_difference(reference, initial)
+    assert max_weight_difference(trained, reference) < 0.01 * moved
+
+
 @pytest.mark.parametrize("replicas", [2, 4, 8])
 def test_n_replicas_train_what_one_replica_with_an_n_fold_batch_trains(
         dropout_free_model, one_replica, tmp_path, replicas):
@@ -81,7 +92,7 @@ def test_n_replicas_train_what_one_replica_with_an_n_fold_batch_trains(
         else:                       # the data each replica sees and the token-mean loss
             assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
             assert a["lr"] == b["lr"]
-    assert max_weight_difference(out / "checkpoint-4", reference / "checkpoint-4") < 1e-5
+    assert_same_weights(out / "checkpoint-4", reference / "checkpoint-4", dropout_free_model)
     # The master alone exported the best model (the last one here), once.
     assert max_weight_difference(out, out / "checkpoint-4") == 0
     assert sorted(p.name for p in (out / "checkpoint-4").glob("rng_state_*.pt")) == [
