@@ -91,6 +91,18 @@ def keep_freed_memory():
     libc.mallopt(m_trim_threshold, 2**30)  # and give the heap's top back only past 1 GiB
 
 
+def fast_bf16(kind):
+    """Whether the device multiplies bf16 matrices much faster than fp32 ones: a GPU that
+    supports bf16 (tensor cores), or a CPU with AMX tiles (Intel Xeon from Sapphire Rapids
+    on), where oneDNN runs a bf16 matrix product several times faster than an fp32 one.
+    Elsewhere on a CPU, bf16 is emulated or runs at about fp32's speed, and autocast's
+    casts would only add work."""
+    if kind == "cuda":
+        return torch.cuda.is_bf16_supported()
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, since torch 2.1
+    return kind == "cpu" and amx is not None and amx() and torch.backends.mkldnn.is_available()
+
+
 class Backend:
     """The CPU or one CUDA GPU, in one process."""
     world_size = 1
@@ -99,9 +111,7 @@ class Backend:
 
     def __init__(self, kind, precision):
         self.device = torch.device(kind)
-        if precision is None:
-            precision = "bf16" if kind == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-        self.precision = precision
+        self.precision = precision or ("bf16" if fast_bf16(kind) else "fp32")
         if kind == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores
             torch.backends.cudnn.allow_tf32 = True

@@ -61,7 +61,8 @@ def parse_args(argv=None):
                    help="auto: XLA when a TPU is attached (or PJRT_DEVICE names an "
                         "accelerator), else CUDA when available, else CPU")
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
-                   help="unset: bf16 on TPUs and on GPUs that support it, fp32 otherwise")
+                   help="unset: bf16 on TPUs, on GPUs that support it and on CPUs with AMX "
+                        "(Intel Xeon from Sapphire Rapids on), fp32 otherwise")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the forward pass and the loss together (CUDA and CPU; "
                         "XLA compiles every step anyway)")

@@ -69,7 +69,10 @@ def train_command(args, model, corpus, out, n):
             "--pretrained_model_name", str(model), "--downstream_corpus_root_dir", str(corpus),
             "--downstream_model_dir", str(out), "--cache_dir", str(out.parent / "cache"),
             "--batch_size", str(args.global_batch // n), "--max_steps", str(args.max_steps),
-            "--learning_rate", str(args.learning_rate), "--log_every", "1"]
+            "--learning_rate", str(args.learning_rate), "--log_every", "1",
+            # fp32, as on the XLA:CPU replicas: bf16 (the default on a CPU with AMX) rounds
+            # differently when the batch is split differently, which would hide the agreement.
+            "--precision", "fp32"]
 
 
 def run(command, timeout):

@@ -1,0 +1,32 @@
+"""bf16 where the hardware multiplies it fast: the CPU's default follows AMX, and a bf16
+run on the CPU learns while its weights, optimizer and checkpoints stay fp32."""
+import torch
+from safetensors.torch import load_file
+
+import backend
+from conftest import read_metrics, run_train
+
+
+def test_the_cpu_default_is_bf16_with_amx_and_fp32_without(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert backend.Backend("cpu", None).precision == "bf16"
+    assert backend.Backend("cpu", "fp32").precision == "fp32"  # --precision decides
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert backend.Backend("cpu", None).precision == "fp32"
+    assert backend.Backend("cpu", "bf16").precision == "bf16"
+
+
+def test_bf16_on_the_cpu_learns_and_keeps_fp32_weights(train_args, tmp_path):
+    result = run_train(train_args + ["--precision", "bf16", "--max_steps", "6"])
+    assert result.returncode == 0, result.stderr
+    assert "cpu (CPU), bf16" in result.stdout
+    evals = read_metrics(tmp_path / "out", "eval")
+    assert [e["step"] for e in evals] == [0, 6] and evals[1]["val_loss"] < evals[0]["val_loss"]
+    # Autocast computes in bf16; what is stored and updated stays fp32.
+    weights = load_file(tmp_path / "out" / "checkpoint-6" / "model.safetensors")
+    assert {w.dtype for w in weights.values()} == {torch.float32}
+    state = torch.load(tmp_path / "out" / "checkpoint-6" / "training_state.pt",
+                       weights_only=True)
+    moments = [v for s in state["optimizer"]["state"].values() for v in s.values()
+               if v.dim() > 0]
+    assert moments and {m.dtype for m in moments} == {torch.float32}
