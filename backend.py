@@ -97,8 +97,8 @@ def fast_bf16(kind):
     on), where oneDNN runs a bf16 matrix product several times faster than an fp32 one.
     Elsewhere on a CPU, bf16 is emulated or runs at about fp32's speed, and autocast's
     casts would only add work."""
-    if kind == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if kind == "cuda":  # not counting emulation (V100, T4), which is slower than fp32
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, since torch 2.1
     return kind == "cpu" and amx is not None and amx() and torch.backends.mkldnn.is_available()
 
@@ -323,7 +323,9 @@ class TorchrunBackend(Backend):
         # payloads are CPU tensors and go through gloo, so agreeing on a stop never waits
         # for the GPU's queue. MASTER_ADDR and MASTER_PORT come from torchrun.
         dist.init_process_group("cpu:gloo,cuda:nccl" if kind == "cuda" else "gloo")
-        self.barrier("started")  # the host's first process has prepared the run (main)
+        # Once the host's first process has prepared the run (main), every process takes
+        # the first one's precision: hosts with and without AMX would otherwise differ.
+        self.precision = self.barrier("started", self.precision)[0]
         self.ddp = None
         self.base_seed = 0  # set by seed()
 

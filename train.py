@@ -178,7 +178,9 @@ def train(backend, args):
     scheduler = sched.linear_warmup_decay(optimizer, warmup, total_steps)
     # --compile: the loss with the model, so that the output layer and the loss fuse.
     loss_fn = backend.compile(token_loss_sum) if args.compile else token_loss_sum
-    facts = {"world_size": backend.world_size, "corpus": corpus_digest(args)}
+    # What the arguments leave to the machine: a resumed run says when they came out otherwise.
+    facts = {"world_size": backend.world_size, "corpus": corpus_digest(args),
+             "precision": backend.precision}
     progress = (restore(checkpoint, args, backend, optimizer, scheduler, facts) if checkpoint
                 else Progress())
     log = MetricsLog(out / "metrics.jsonl", backend.is_master, steps_per_epoch,

@@ -30,3 +30,14 @@ def test_bf16_on_the_cpu_learns_and_keeps_fp32_weights(train_args, tmp_path):
     moments = [v for s in state["optimizer"]["state"].values() for v in s.values()
                if v.dim() > 0]
     assert moments and {m.dtype for m in moments} == {torch.float32}
+
+
+def test_resuming_in_another_precision_says_so(train_args, capsys):
+    """The precision is recorded as run, not as asked (unset lets the machine choose), so a
+    checkpoint trained in fp32 and resumed where bf16 is chosen names the change."""
+    import train
+    args = train_args + ["--max_steps", "2", "--save_every_steps", "2"]
+    assert train.main(args + ["--precision", "fp32"]) == 0
+    capsys.readouterr()
+    assert train.main(args + ["--precision", "bf16", "--resume", "latest"]) == 0
+    assert "warning: --resume: --precision changed from 'fp32' to 'bf16'" in capsys.readouterr().err
