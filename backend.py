@@ -94,12 +94,12 @@ def keep_freed_memory():
 def fast_bf16(kind):
     """Whether the device multiplies bf16 matrices much faster than fp32 ones: a GPU that
     supports bf16 (tensor cores), or a CPU with AMX tiles (Intel Xeon from Sapphire Rapids
-    on), where oneDNN runs a bf16 matrix product several times faster than an fp32 one.
-    Elsewhere on a CPU, bf16 is emulated or runs at about fp32's speed, and autocast's
-    casts would only add work."""
+    on), where oneDNN runs a bf16 matrix product several times faster than an fp32 one
+    (a KoGPT2-sized step 1.67x faster; see the README's performance section). Other CPUs
+    keep fp32: for them autocast's casts would add work for little or no gain."""
     if kind == "cuda":  # not counting emulation (V100, T4), which is slower than fp32
         return torch.cuda.is_bf16_supported(including_emulation=False)
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, since torch 2.1
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private; torch 2.9 has it
     return kind == "cpu" and amx is not None and amx() and torch.backends.mkldnn.is_available()
 
 
