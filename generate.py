@@ -25,7 +25,8 @@ import math
 import sys
 
 import options
-from options import GUIDANCE, SAMPLING, default_cache_dir
+from options import default_cache_dir
+from task import GUIDANCE, SAMPLING
 
 
 # --------------------------------------------------------------------------- main
@@ -103,12 +104,14 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
-import data  # noqa: E402
-from backend import Backend  # noqa: E402
-from data import POLARITY, InputError  # noqa: E402
+from corpus.features import POLARITY, load_features  # noqa: E402
+from corpus.read import NSMC_FILES, corpus_files, given_file  # noqa: E402
 from model import load_model, load_tokenizer, max_positions  # noqa: E402
-from polarity import (control_accuracy, judge_of, other_word, polarity_accuracy,  # noqa: E402
-                      prompt_ids, write_reviews)
+from runtime.backends import Backend, choose_device  # noqa: E402
+from runtime.errors import InputError  # noqa: E402
+from task.generation import control_accuracy, other_word, prompt_ids, write_reviews  # noqa: E402
+from task.nsmc import judge_of  # noqa: E402
+from task.polarity import polarity_accuracy  # noqa: E402
 
 
 def polarity_words(polarity):
@@ -191,14 +194,6 @@ def tokens(n):
     return f"{n} token" if n == 1 else f"{n} tokens"
 
 
-def choose_device(name):
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def sampling_settings(args):
     return dict(max_new_tokens=args.max_new_tokens, top_k=args.top_k, top_p=args.top_p,
                 temperature=args.temperature, repetition_penalty=args.repetition_penalty,
@@ -218,13 +213,13 @@ def print_reviews(args, model, tokenizer):
 def evaluation_files(args):
     """(training file or None, validation file) for --evaluate."""
     if args.val_file:
-        train_file = args.train_file and data.given_file("--train_file", args.train_file)
-        return train_file, data.given_file("--val_file", args.val_file)
-    val_file, = data.corpus_files(args.downstream_corpus_root_dir,  # only the test file
-                                  args.downstream_corpus_name, names=data.NSMC_FILES[1:])
+        train_file = args.train_file and given_file("--train_file", args.train_file)
+        return train_file, given_file("--val_file", args.val_file)
+    val_file, = corpus_files(args.downstream_corpus_root_dir,  # only the test file
+                                  args.downstream_corpus_name, names=NSMC_FILES[1:])
     if args.train_file:
-        return data.given_file("--train_file", args.train_file), val_file
-    beside = val_file.parent / data.NSMC_FILES[0]  # the judge's, when it is on disk already
+        return given_file("--train_file", args.train_file), val_file
+    beside = val_file.parent / NSMC_FILES[0]  # the judge's, when it is on disk already
     return (beside if beside.is_file() else None), val_file
 
 
@@ -247,7 +242,7 @@ def print_evaluation(args, model, tokenizer):
 
 
 def print_polarity_accuracy(args, model, tokenizer, val_file):
-    features = data.load_features(val_file, tokenizer, args.max_seq_length, args.cache_dir)
+    features = load_features(val_file, tokenizer, args.max_seq_length, args.cache_dir)
     if features.labels is None or len(features) == 0:
         raise InputError(f"{val_file}: no labelled reviews, so there is no polarity to check")
     n = min(len(features), args.polarity_eval_size or len(features))
@@ -260,7 +255,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         check_args(args)
-        device = choose_device(args.device)
+        device = torch.device(choose_device(args.device, tpu_cores=0))  # never XLA: see above
         tokenizer = load_tokenizer(args.downstream_model_dir, flag="--downstream_model_dir")
         model = load_model(args.downstream_model_dir, tokenizer,
                            flag="--downstream_model_dir").to(device).eval()

@@ -7,11 +7,10 @@ from pathlib import Path
 import torch
 from huggingface_hub import constants, try_to_load_from_cache
 from safetensors import SafetensorError, safe_open
-from transformers import (AutoConfig, AutoModelForCausalLM, PreTrainedModel,
-                          PreTrainedTokenizerFast)
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from data import InputError, first_line
+from runtime.errors import InputError, first_line
 
 # KoGPT2's tokenizer files do not name its special tokens; its model card passes them
 # to from_pretrained. They sit at ids <s>=0 </s>=1 <usr>=2 <pad>=3 <sys>=4 <unk>=5 <mask>=6.
@@ -85,21 +84,21 @@ def sees_the_future(model):
     return not torch.allclose(one, other, atol=1e-4)
 
 
-def logits_at(model, batch, positions=None):
-    """Logits [n, vocabulary] for `batch`'s input_ids at `positions`, flat indices into its
-    [rows x columns] (None: at every position). `batch` is padded rows (attention_mask) or
-    packed ones (review_ids, position_ids: see data.ReviewBatches). The output layer, a
-    product with the whole vocabulary, is the largest of a step: it runs only at
-    `positions`. No key/value cache is built (it serves decoding token by token, which
-    nothing here does)."""
-    if not isinstance(model, PreTrainedModel):  # a wrapper around LogitsAt, such as DDP
-        return model(batch, positions)
-    inputs = model_inputs(model, batch)
-    if not splits_off_output_layer(model):
-        logits = model(**inputs).logits.flatten(0, 1)
-        return logits if positions is None else logits[positions]
-    hidden = model.base_model(**inputs).last_hidden_state.flatten(0, 1)
-    return model.get_output_embeddings()(hidden if positions is None else hidden[positions])
+# The forward's keyword arguments that leave out its output layer: the last hidden states
+# come back (hidden_states[-1], after the final norm), the logits at no position at all.
+WITHOUT_LOGITS = dict(output_hidden_states=True, logits_to_keep=torch.empty(0, dtype=torch.long))
+
+
+def output_layer_at(model, hidden, where):
+    """Logits at the flat positions `where` of `hidden` [rows, columns, width] alone: the
+    output layer multiplies by the whole vocabulary, a step's largest product, and only the
+    positions that predict a token need it."""
+    return unwrapped(model).get_output_embeddings()(hidden.flatten(0, 1)[where])
+
+
+def unwrapped(model):
+    """The model itself, also when DistributedDataParallel wraps it (under torchrun)."""
+    return getattr(model, "module", model)
 
 
 def model_inputs(model, batch):
@@ -121,7 +120,7 @@ def block_causal_mask(model, review_ids):
     causal = torch.ones(columns, columns, dtype=torch.bool, device=review_ids.device).tril()
     sees = (review_ids[:, :, None] == review_ids[:, None, :]) & causal
     sees = sees[:, None]
-    if model.config._attn_implementation == "sdpa":
+    if unwrapped(model).config._attn_implementation == "sdpa":
         return sees
     return torch.zeros(sees.shape, device=sees.device).masked_fill(~sees, torch.finfo().min)
 
@@ -155,36 +154,26 @@ def packs_reviews(model):
     return model.packing_works
 
 
-class LogitsAt(torch.nn.Module):
-    """`logits_at(model, ...)` as a module's forward. DistributedDataParallel averages the
-    gradients only of what runs through the forward of the module it wraps: under torchrun
-    it wraps this, so that the loss can still skip the output layer where there is no
-    target."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch, positions=None):
-        return logits_at(self.model, batch, positions)
-
-
 def splits_off_output_layer(model):
     """Whether the model's logits are its output layer (`get_output_embeddings`) applied to
-    the last hidden states of its body (`base_model`): true of GPT-2 and most causal LMs,
-    not of BERT as a decoder, which transforms the states first. Tried once on a short
-    input, without dropout, and remembered on the model."""
+    the last hidden states that its forward returns with WITHOUT_LOGITS: true of GPT-2 and
+    most causal LMs, not of BERT as a decoder, which transforms the states first, nor of
+    models whose forward has no `logits_to_keep`. Tried once on a short input, without
+    dropout, and remembered on the model."""
     if not hasattr(model, "output_layer_splits_off"):
         training = model.training
         ids = torch.tensor([[0, 1, 2]], device=model.device)
+        head = model.get_output_embeddings()
         with torch.no_grad():
             whole = model.eval()(input_ids=ids, use_cache=False).logits
-            head = model.get_output_embeddings()
-            split = (head(model.base_model(input_ids=ids, use_cache=False).last_hidden_state)
-                     if head is not None and model.base_model is not model else None)
+            try:
+                hidden = model(input_ids=ids, use_cache=False, **WITHOUT_LOGITS).hidden_states[-1]
+                split = head(hidden) if head is not None else None
+            except (TypeError, ValueError, RuntimeError):  # no logits_to_keep, say
+                split = None
         model.train(training)
-        model.output_layer_splits_off = split is not None and torch.allclose(split, whole,
-                                                                             atol=1e-5)
+        model.output_layer_splits_off = (split is not None and split.shape == whole.shape
+                                         and torch.allclose(split, whole, atol=1e-5))
     return model.output_layer_splits_off
 
 

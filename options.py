@@ -9,17 +9,7 @@ import math
 import os
 from pathlib import Path
 
-# How reviews are sampled: generate.py's defaults, and train.py's samples.
-SAMPLING = dict(max_new_tokens=40, top_k=50, top_p=0.92, temperature=0.9,
-                repetition_penalty=1.2, no_repeat_ngram_size=3)
-# Classifier-free guidance: each token's log-probabilities given the requested polarity word
-# are pushed away from those given the other word, by this factor (1: off). Chosen by
-# measurement (benchmarks/polarity_control.py, README "Polarity control").
-GUIDANCE = 2.0
-
-
-class InputError(Exception):
-    """Something the user can fix (a file, a line, a flag): printed as one line, no traceback."""
+from runtime.errors import InputError
 
 
 def default_cache_dir():

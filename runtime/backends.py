@@ -3,28 +3,23 @@ which one it is on. `Backend` is the CPU or one CUDA GPU in one process; `XlaBac
 overrides what differs when the same loop runs on every core of a TPU host, one replica per
 core through `xmp.spawn` (the replicas then all-reduce gradients and losses, meet at
 barriers and agree on when to stop); `TorchrunBackend` does the same for the processes that
-`torchrun` starts, one per GPU (or several on a CPU), on one host or many. Also here:
-turning Ctrl-C and SIGTERM into a flag the loop checks between steps, and what a replica
-does when it fails alone.
+`torchrun` starts, one per GPU (or several on a CPU), on one host or many. launch.py starts
+them.
 
-A CPU/GPU-only copy of the loop can drop `XlaBackend`, `spawn_replicas` and `Replica`; a
-single-process one `TorchrunBackend` too.
+A CPU/GPU-only copy of the loop can drop `XlaBackend`; a single-process one
+`TorchrunBackend` too.
 """
 import contextlib
 import ctypes
 import importlib.util
-import multiprocessing
 import os
-import signal
-import sys
-import threading
-import traceback
 
 import torch
 
-from data import InputError
-from model import LogitsAt, cpu_copy
+from model import cpu_copy
 from options import xla_accelerator
+from runtime.errors import InputError
+from runtime.signals import StopRequested, StopSignal
 
 
 def choose_device(device, tpu_cores=None):
@@ -134,6 +129,16 @@ class Backend:
     def compile(self, fn):
         return torch.compile(fn)
 
+    def distribute(self, model):
+        """The model that the loss's forward and backward run through: here the model itself
+        (TorchrunBackend wraps it). Evaluation and saving use `model`, unwrapped."""
+        return model
+
+    def gradient_sync(self, model, sync):
+        """Around a micro-batch's forward: whether its backward all-reduces the gradients
+        (DDP's, in the last micro-batch of a step only). Nothing to sync here."""
+        return contextlib.nullcontext()
+
     def optimizer(self, param_groups, lr):
         # Fused: one kernel updates every parameter, on the GPU and on the CPU alike; the
         # default per-parameter loop makes the CPU's optimizer step about 4x slower.
@@ -151,12 +156,6 @@ class Backend:
     def all_reduce_sum(self, tensor):
         return tensor
 
-    def micro_batches(self, model, window):
-        """(what to run the forward through, micro-batch) for each micro-batch of a step:
-        here the model itself."""
-        for batch in window:
-            yield model, batch
-
     def reduce_gradients(self, optimizer):
         pass
 
@@ -167,7 +166,15 @@ class Backend:
     def stoppable(self, batches):
         """`batches`, cut short by StopRequested once Ctrl-C or SIGTERM arrives: an
         evaluation of 50,000 reviews on a CPU takes minutes, too long to keep a signal
-        waiting. (Reading a Python flag costs nothing, so every batch checks.)"""
+        waiting. (Reading a Python flag costs nothing, so every batch checks.)
+
+        Several replicas must leave an evaluation together, inside its collectives, and
+        agreeing costs a device read (their shards may also differ by a batch): they finish
+        it and stop at the next report step. Evaluation is short there anyway, shared among
+        the replicas."""
+        if self.world_size > 1:
+            yield from batches
+            return
         for batch in batches:
             if StopSignal.signum is not None:
                 raise StopRequested
@@ -185,7 +192,9 @@ class Backend:
         """Finish the work queued on the device (XLA runs a step's graph lazily)."""
 
     def seed(self, seed):
+        """The same seed on every replica while it sets up, so that all build one model."""
         torch.manual_seed(seed)
+        self.base_seed = seed
 
     def seed_step(self, step):
         """Called before each optimizer step. The CPU and CUDA generators are restored
@@ -226,7 +235,6 @@ class XlaBackend(Backend):
         if precision is None:
             precision = "bf16" if self.hardware == "TPU" else "fp32"
         self.precision = precision
-        self.base_seed = 0  # set by seed()
 
     def describe(self):
         return f"xla ({self.hardware}, {self.world_size} replicas), {self.precision}"
@@ -259,12 +267,6 @@ class XlaBackend(Backend):
         flag = torch.tensor([float(flag)], device=self.device)
         return self.xm.all_reduce(self.xm.REDUCE_MAX, flag).item() > 0
 
-    def stoppable(self, batches):
-        # Replicas must stop an evaluation together, inside its collectives, and agreeing
-        # costs a device read: they finish it and stop at the next report step. Evaluation
-        # is short on a TPU anyway, where it is shared among the cores.
-        return super().stoppable(batches) if self.world_size == 1 else batches
-
     def on_host(self, fn, *args):
         self.xm.add_step_closure(fn, args)
 
@@ -275,10 +277,6 @@ class XlaBackend(Backend):
         # Otherwise each tensor read back (weights for a checkpoint) would compile and run
         # a graph of its own.
         self.torch_xla.sync()
-
-    def seed(self, seed):
-        torch.manual_seed(seed)
-        self.base_seed = seed
 
     def seed_step(self, step):
         """XLA moves its device generator on at every graph cut (each sync, barrier or host
@@ -326,8 +324,6 @@ class TorchrunBackend(Backend):
         # Once the host's first process has prepared the run (main), every process takes
         # the first one's precision: hosts with and without AMX would otherwise differ.
         self.precision = self.barrier("started", self.precision)[0]
-        self.ddp = None
-        self.base_seed = 0  # set by seed()
 
     def describe(self):
         name = torch.cuda.get_device_name() if self.device.type == "cuda" else "CPU"
@@ -335,23 +331,19 @@ class TorchrunBackend(Backend):
         return (f"{self.device.type} ({name}), torchrun: {self.world_size} processes over "
                 f"{group}, {self.precision}")
 
-    def micro_batches(self, model, window):
+    def distribute(self, model):
         # DDP rather than one all-reduce after the backward: it all-reduces the gradients in
         # buckets while the backward still computes the earlier layers', which hides most of
-        # the communication on GPUs. It averages them over the processes, as
-        # accumulate_gradients expects, and only in the backward of a step's last
-        # micro-batch (`require_backward_grad_sync` is what DDP's no_sync() clears). It
-        # wraps the loop's model (through LogitsAt, the loss's forward), so evaluation and
-        # saving use that model, unwrapped.
-        # Buffers are not broadcast: GPT-2's are constants.
-        if self.ddp is None or self.ddp.module.model is not model:
-            from torch.nn.parallel import DistributedDataParallel
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = DistributedDataParallel(LogitsAt(model), device_ids=device_ids,
-                                               broadcast_buffers=False)
-        for i, batch in enumerate(window):
-            self.ddp.require_backward_grad_sync = i == len(window) - 1
-            yield self.ddp, batch
+        # the communication on GPUs, and averages them over the processes, as train_step
+        # expects. Buffers are not broadcast: GPT-2's are constants.
+        from torch.nn.parallel import DistributedDataParallel
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+    def gradient_sync(self, model, sync):
+        # DDP reads the flag in the forward: no_sync() there leaves that backward's gradients
+        # in place, to be summed with the next micro-batch's.
+        return contextlib.nullcontext() if sync else model.no_sync()
 
     def reduce_gradients(self, optimizer):
         pass  # DDP averaged them in the backward (micro_batches)
@@ -366,20 +358,10 @@ class TorchrunBackend(Backend):
         self.dist.all_reduce(flag, op=self.dist.ReduceOp.MAX)
         return flag.item() > 0
 
-    def stoppable(self, batches):
-        # As on XLA: the processes must leave an evaluation together (its shards may differ
-        # by a batch, so they cannot agree at every batch): they finish it and stop at the
-        # next report step.
-        return super().stoppable(batches) if self.world_size == 1 else batches
-
     def barrier(self, name, payload=b""):
         payloads = [None] * self.world_size
         self.dist.all_gather_object(payloads, payload)
         return payloads
-
-    def seed(self, seed):
-        torch.manual_seed(seed)  # the same on every process while it sets up (one model)
-        self.base_seed = seed
 
     def seed_step(self, step):
         """From the first step on, each process draws dropout masks of its own, as one
@@ -389,136 +371,4 @@ class TorchrunBackend(Backend):
             torch.manual_seed(self.base_seed + 1_000_003 * self.rank)
 
     def close(self):
-        self.ddp = None  # DDP's reducer first: it uses the process group while it ends
         self.dist.destroy_process_group()
-
-
-# --------------------------------------------------------------------------- signals
-
-class Interrupted(Exception):
-    def __init__(self, message, signum):
-        super().__init__(message, signum)
-        self.message, self.signum = message, signum
-
-    def __str__(self):
-        return self.message
-
-    @classmethod
-    def at(cls, step, signum, saved):
-        """The run stopped by `signum` after `step` steps, having saved the folder `saved`."""
-        signum = signum or signal.SIGTERM  # the signal may have reached another replica only
-        what = (f"saved {saved}. To continue, run the same command with --resume latest"
-                if saved else "nothing was trained yet, so nothing was saved")
-        return cls(f"stopped by {signal.Signals(signum).name} at step {step}: {what}", signum)
-
-
-class StopRequested(Exception):
-    """Raised inside an evaluation when a stop signal arrives (see Backend.stoppable)."""
-
-
-class StopSignal:
-    """SIGINT (Ctrl-C) and SIGTERM (preemption, `kill`) become a flag that the loop checks
-    between steps, so the step in flight finishes and a checkpoint is written. A second
-    signal stops the process at once. One flag per process."""
-    signum = None
-
-    @classmethod
-    def install(cls):
-        cls.signum = None
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, cls.handle)
-
-    @classmethod
-    def handle(cls, signum, frame):
-        if cls.signum is None:
-            cls.signum = signum
-            return
-        # A newline first: the progress bar's line is left open.
-        print(f"\n{signal.Signals(signum).name} again: stopped at once; nothing more was saved "
-              f"(the last checkpoint is intact: --resume latest continues from it)",
-              file=sys.stderr, flush=True)
-        os._exit(128 + signum)
-
-
-# --------------------------------------------------------------------------- replicas
-
-def run_process(train, args, kind, agreed=()):
-    """Run `train` in this process: alone, or as one of those torchrun starts."""
-    if not started_by_torchrun():
-        StopSignal.install()
-        return train(Backend(kind, args.precision), args)
-    backend = TorchrunBackend(kind, args.precision)  # waits for every process
-    # Only now: until every process is up, torchrun ends a waiting one with SIGTERM when
-    # another fails to start.
-    StopSignal.install()
-    try:
-        train(backend, args)
-    except agreed as error:
-        # Leaving together. Once one process has left, torchrun sends SIGTERM to the others:
-        # with nothing left to save, it must not end them as a second signal would.
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, signal.SIG_IGN)
-        backend.close()
-        if not first_on_host():  # every process raised it: the host's first prints it
-            raise SystemExit(128 + error.signum if isinstance(error, Interrupted) else 1)
-        raise
-    # Not after other errors: they may have reached one process alone, and torchrun ends
-    # the others, which may be waiting for it.
-    backend.close()
-
-
-def spawn_replicas(train, args, one_core=False, agreed=()):
-    """Run `train(XlaBackend, args)` on every XLA device (one, with `one_core`)."""
-    import torch_xla.distributed.xla_multiprocessing as xmp
-    # Ctrl-C reaches every replica from the terminal; a SIGTERM sent to this process
-    # alone (a preempted TPU VM, `kill`) is passed on so that every replica saves.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda signum, frame: [
-        os.kill(child.pid, signum) for child in multiprocessing.active_children()])
-    # nprocs: None means every device; recent torch_xla accepts nothing but 1 or None.
-    xmp.spawn(Replica(train, agreed), args=(args,), nprocs=1 if one_core else None)
-
-
-class Replica:
-    """What `xmp.spawn` runs on each device. It reaches a replica process pickled, and is
-    unpickled in that process's main thread, before the replicas start as threads, where
-    Python can no longer install signal handlers: `__setstate__` installs them then."""
-
-    def __init__(self, train, agreed):
-        self.train, self.agreed = train, agreed
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        StopSignal.install()
-        exit_with_launcher()
-
-    def __call__(self, index, args):
-        if threading.current_thread() is threading.main_thread():
-            StopSignal.install()  # nprocs=1: this replica runs in the launcher itself
-        backend = XlaBackend(args.precision)
-        try:
-            self.train(backend, args)
-        except self.agreed:
-            raise  # every replica raises it together
-        except BaseException as e:
-            if backend.world_size == 1:
-                raise
-            end_process(e, backend.rank)
-
-
-def exit_with_launcher():
-    """A replica must not outlive its launcher (killed by SIGKILL, say): it would go on
-    writing into an output directory that a new run may by then own."""
-    launcher = multiprocessing.parent_process()
-    if launcher is not None:
-        threading.Thread(target=lambda: (launcher.join(), os._exit(1)), daemon=True).start()
-
-
-def end_process(error, rank):
-    """A replica that fails alone leaves the others waiting for it inside a collective,
-    where nothing can reach them (replicas may be threads of this very process): print its
-    error and end the process, which the launcher then reports."""
-    print(f"replica {rank} failed:", file=sys.stderr)
-    traceback.print_exception(error, file=sys.stderr)
-    sys.stderr.flush()
-    os._exit(1)

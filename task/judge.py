@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-import data
+from corpus.read import read_corpus
+from runtime.errors import InputError, add_file_bytes, first_line, write_atomically
 
 NGRAM_SIZES = (1, 2, 3)
 SMOOTHING = 1.0   # add-one (Laplace): an n-gram seen in one polarity only is not infinitely telling
@@ -63,7 +64,7 @@ def train_judge(texts, labels):
              for label, c in per_label.items()}
     positive = sum(labels)
     if positive in (0, len(labels)):
-        raise data.InputError("the judge of control accuracy needs positive and negative "
+        raise InputError("the judge of control accuracy needs positive and negative "
                               "reviews in the training file; it has only one polarity")
     return {"ngrams": ngrams, "weights": (log_p[1] - log_p[0]).float(),
             "prior": math.log(positive / (len(labels) - positive)), "version": JUDGE_VERSION}
@@ -74,7 +75,7 @@ def load_judge(train_file, val_file, cache_dir):
     `val_accuracy`; trained and measured once, then read from the cache."""
     key = hashlib.sha256()
     for path in (train_file, val_file):
-        data.add_file_bytes(key, path)
+        add_file_bytes(key, path)
     key.update(f"{NGRAM_SIZES}|{SMOOTHING}|{JUDGE_VERSION}".encode())
     path = Path(cache_dir).expanduser() / f"judge-{Path(train_file).stem}-{key.hexdigest()[:16]}.pt"
     saved = read_cached(path)
@@ -82,9 +83,9 @@ def load_judge(train_file, val_file, cache_dir):
         saved = train_judge(*labelled_reviews(train_file))
         saved["val_accuracy"] = Judge(**judge_fields(saved)).accuracy(*labelled_reviews(val_file))
         try:
-            data.write_atomically(path, lambda tmp: torch.save(saved, tmp))
+            write_atomically(path, lambda tmp: torch.save(saved, tmp))
         except (OSError, RuntimeError) as e:
-            print(f"warning: could not cache the judge in {path.parent} ({data.first_line(e)});"
+            print(f"warning: could not cache the judge in {path.parent} ({first_line(e)});"
                   f" the next run will train it again", file=sys.stderr)
     judge = Judge(**judge_fields(saved))
     judge.val_accuracy = saved["val_accuracy"]
@@ -96,9 +97,9 @@ def judge_fields(saved):
 
 
 def labelled_reviews(path):
-    reviews = data.read_corpus(path)
+    reviews = read_corpus(path)
     if reviews.labels is None or not reviews.texts:
-        raise data.InputError(f"{path}: no labelled reviews, so no judge of polarity can be "
+        raise InputError(f"{path}: no labelled reviews, so no judge of polarity can be "
                               f"trained or checked on it")
     return reviews.texts, reviews.labels
 

@@ -3,6 +3,7 @@ and read once per report (`LossMeter`, `report`), metrics.jsonl and TensorBoard'
 files, the evaluation lines, the banner printed before training starts, and an estimate of
 the run's length once the first report has timed its steps.
 """
+import contextlib
 import json
 import math
 import sys
@@ -13,8 +14,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-import data
-from checkpoint import NonFiniteLoss, saving
+from runtime.errors import NonFiniteLoss, first_line, write_atomically
+from runtime.rundir import saving
 
 
 class LossMeter:
@@ -35,6 +36,16 @@ class LossMeter:
         self.tokens = torch.zeros((), dtype=torch.long, device=self.device)
         self.started = time.perf_counter()
 
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside (evaluating, saving) is not training time: tokens/s leaves it
+        out."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.started += time.perf_counter() - started
+
     def add(self, loss_sum, tokens):
         self.step += 1
         new_bad = ~torch.isfinite(loss_sum) & (self.first_bad_step == 0)
@@ -43,7 +54,9 @@ class LossMeter:
         self.tokens += tokens
 
     def report(self, backend, log, bar, step, lr):
-        """Report the sums so far (on XLA once the step's graph has run), and start anew."""
+        """Report the sums so far (on XLA once the step's graph has run), and start anew.
+        Raises NonFiniteLoss once a report has seen a non-finite loss (on XLA, the first
+        report after it ran)."""
         seconds = time.perf_counter() - self.started
         backend.on_host(write_report, log, self, self.loss_sum, self.tokens, self.first_bad_step,
                         step, lr, seconds, bar)
@@ -53,6 +66,8 @@ class LossMeter:
         self.plan = None
         self.reported_step = step
         self.reset()
+        if self.nonfinite:
+            raise NonFiniteLoss(self.nonfinite)
 
     def check_finite(self):
         """Before a save: no checkpoint may hold what a non-finite loss trained."""
@@ -78,6 +93,18 @@ class Plan:
     total_steps: int
     evaluations: int             # still to come
     eval_seconds: float = None   # one evaluation, when the run started with one
+
+    @classmethod
+    def after(cls, step, total_steps, steps_per_epoch, eval_every):
+        return cls(total_steps, evaluations_after(step, total_steps, steps_per_epoch,
+                                                  eval_every))
+
+    @contextlib.contextmanager
+    def timing_evaluation(self):
+        """Time the evaluation inside, for the estimate (when it completes)."""
+        started = time.perf_counter()
+        yield
+        self.eval_seconds = time.perf_counter() - started
 
     def estimate(self, step, seconds_per_step):
         steps = self.total_steps - step
@@ -130,7 +157,7 @@ class MetricsLog:
                 with open(self.path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(event, ensure_ascii=False) + "\n")
             except OSError as e:
-                print(f"warning: could not write {self.path} ({data.first_line(e)}); training "
+                print(f"warning: could not write {self.path} ({first_line(e)}); training "
                       f"goes on without logging events there", file=sys.stderr)
                 self.path = None
         if self.is_master and self.board:
@@ -138,7 +165,7 @@ class MetricsLog:
                 self.board.write(event)
             except OSError as e:  # as for metrics.jsonl: a warning, once
                 print(f"warning: could not write TensorBoard's events in {self.board.folder} "
-                      f"({data.first_line(e)}); training goes on without them", file=sys.stderr)
+                      f"({first_line(e)}); training goes on without them", file=sys.stderr)
                 self.board = None
 
     def restart_after(self, step):
@@ -158,7 +185,7 @@ class MetricsLog:
             if step is not None and event["step"] <= step:
                 kept.append(line + "\n")
         with saving(self.path, previous=self.path.parent):
-            data.write_atomically(self.path, lambda tmp: tmp.write_text("".join(kept),
+            write_atomically(self.path, lambda tmp: tmp.write_text("".join(kept),
                                                                          encoding="utf-8"))
 
 
@@ -210,29 +237,31 @@ def print_evaluation(step, result):
         tqdm.write(f"  {word}: {review}")
 
 
-def print_banner(args, backend, train_features, val_features, steps_per_epoch, total_steps,
+def print_banner(settings, backend, train_features, val_features, steps_per_epoch, total_steps,
                  warmup, checkpoint, progress, packed):
-    global_batch = args.batch_size * backend.world_size * args.grad_accum_steps
+    """What the run will do, before it starts. `settings`: the run's flags by name."""
+    s = settings
+    global_batch = s["batch_size"] * backend.world_size * s["grad_accum_steps"]
     words = ("긍정 or 부정 before each review" if train_features.labels is not None
              else "none (no labels: plain language modelling)")
-    polarity_size = (min(args.polarity_eval_size, len(val_features))
+    polarity_size = (min(s["polarity_eval_size"], len(val_features))
                      if train_features.labels is not None else 0)
     lines = [
         f"device:           {backend.describe()}",
-        f"model:            {args.pretrained_model_name}",
+        f"model:            {s['pretrained_model_name']}",
         f"train examples:   {len(train_features):,} ({train_features.blank} blank skipped, "
-        f"{train_features.truncated:,} cut to {args.max_seq_length} tokens)",
+        f"{train_features.truncated:,} cut to {s['max_seq_length']} tokens)",
         f"val examples:     {len(val_features):,} ({val_features.blank} blank skipped)",
-        f"each evaluation:  loss on {min(args.eval_size or math.inf, len(val_features)):,} "
+        f"each evaluation:  loss on {min(s['eval_size'] or math.inf, len(val_features)):,} "
         f"of them, polarity accuracy on {polarity_size:,}",
         f"polarity word:    {words}",
-        f"batch:            {args.batch_size} x {backend.world_size} replicas x "
-        f"{args.grad_accum_steps} accumulation = {global_batch} examples per step, "
+        f"batch:            {s['batch_size']} x {backend.world_size} replicas x "
+        f"{s['grad_accum_steps']} accumulation = {global_batch} examples per step, "
         f"{'packed end to end in rows' if packed else 'padded'}"
-        f"{'' if packed or args.no_packing else ' (this model cannot take packed rows)'}",
+        f"{'' if packed or s['no_packing'] else ' (this model cannot take packed rows)'}",
         f"steps:            {steps_per_epoch:,} per epoch, {total_steps:,} in all, "
-        f"{warmup:,} warm-up, peak lr {args.learning_rate:g}",
-        f"output:           {args.downstream_model_dir}",
+        f"{warmup:,} warm-up, peak lr {s['learning_rate']:g}",
+        f"output:           {s['downstream_model_dir']}",
     ]
     if checkpoint:
         lines.append(f"resuming:         {checkpoint} (step {progress.step}, "

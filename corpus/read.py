@@ -1,0 +1,176 @@
+"""Corpus files: found where the tutorial keeps them (NSMC downloaded with Korpora, only
+the files that are missing) or given by name, and read strictly: NSMC's TSV, two-column
+`document<TAB>label` files, or plain text, each line checked, a bad one named by file and
+line."""
+import contextlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtime.errors import InputError, first_line
+
+NSMC_FILES = ("ratings_train.txt", "ratings_test.txt")
+NSMC_HEADER = ["id", "document", "label"]
+PAIR_HEADER = ["document", "label"]     # the optional header of a two-column corpus
+
+
+def corpus_files(root_dir, corpus_name="nsmc", train_file=None, val_file=None, names=NSMC_FILES):
+    """The train and validation files: `train_file` and `val_file` when given, else
+    ratings_train.txt and ratings_test.txt (those of `names`) in the folder
+    `root_dir/corpus_name` (an absolute `corpus_name` is that folder itself). Of NSMC, only
+    the missing files are downloaded (Korpora.fetch opens the network even when the files
+    are there)."""
+    if train_file or val_file:
+        if not (train_file and val_file):
+            raise InputError("--train_file and --val_file go together: give both (the "
+                             "validation file decides which model is kept as the best)")
+        return [given_file("--train_file", train_file), given_file("--val_file", val_file)]
+    folder = Path(root_dir).expanduser() / Path(corpus_name).expanduser()
+    paths = [folder / name for name in names]
+    for path in paths:
+        # Something else in a file's place: a download could not put the file there either.
+        if path.exists() and not path.is_file():
+            hint = (f"put NSMC's {path.name} in its place, or remove it to download NSMC"
+                    if corpus_name == "nsmc" else "put the corpus file in its place")
+            raise InputError(f"{path} {what_it_is(path)}; {hint}")
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        if corpus_name != "nsmc":
+            raise InputError(f"--downstream_corpus_name {corpus_name}: no {missing[0]}; "
+                             f"only nsmc can be downloaded, other corpora must be on disk")
+        download_nsmc(folder, missing)
+    return paths
+
+
+def given_file(flag, name):
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise InputError(f"{flag} {name}: no such file")
+    if not path.is_file():
+        raise InputError(f"{flag} {name}: {what_it_is(path)}; name the corpus file itself")
+    return path
+
+
+def what_it_is(path):
+    """What stands at `path` instead of a regular file, for error messages. A named pipe or
+    a device is refused too: reading it might never end, and the cache key reads it twice."""
+    if path.is_dir():
+        return "is a directory, not a file"
+    return "is not a regular file (a pipe or a device?)"
+
+
+def download_nsmc(folder, missing):
+    """Fetch NSMC with Korpora into a scratch folder, then move the missing files into
+    place, so that an interrupted download never leaves a truncated file behind."""
+    created = [p for p in [folder, *folder.parents] if not p.exists()]
+    try:
+        from Korpora import Korpora
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder) as scratch:
+            Korpora.fetch("nsmc", root_dir=scratch)
+            for path in missing:
+                os.replace(Path(scratch) / "nsmc" / path.name, path)
+    except Exception as e:  # no network, proxy, read-only folder, ...: all end the same way
+        for path in created:  # an empty ~/Korpora/nsmc/ would only mislead the next run
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise InputError(
+            f"NSMC is not at {missing[0]} and downloading it failed ({first_line(e)}); "
+            f"put {' and '.join(p.name for p in missing)} in {folder}/ or point "
+            f"--downstream_corpus_root_dir at the folder that holds nsmc/") from e
+
+
+@dataclass
+class Reviews:
+    texts: list
+    labels: list          # 1 positive, 0 negative; None for a corpus without labels
+    blank: int = 0        # reviews skipped because their text is empty
+
+
+def read_corpus(path):
+    """Read a corpus file strictly, in the layout its first line shows:
+
+    - NSMC: the header `id<TAB>document<TAB>label`, then three fields a line;
+    - two columns: `document<TAB>label` lines, the first of them either that very header
+      or already a review;
+    - plain text: no tab on the first line. Every line is then one text without a label
+      (trained with no polarity word), and a tab on a later line is an error: it means a
+      labelled file whose first line lost its tab.
+
+    Fields are split on tabs with no quoting (reviews contain `"`); labels are 0 or 1.
+    A UTF-8 BOM and CRLF line endings are accepted; blank texts are skipped and counted;
+    anything else names its line."""
+    lines = read_lines(path)
+    numbered = list(enumerate(lines, start=1))
+    first = lines[0].split("\t")
+    if first in (NSMC_HEADER, PAIR_HEADER):
+        return read_labelled(path, numbered[1:], columns=first)
+    if len(first) == 2:
+        return read_labelled(path, numbered, columns=PAIR_HEADER)
+    if len(first) == 1:
+        return read_plain(path, numbered)
+    raise InputError(f"{path}:1: expected the header 'id<TAB>document<TAB>label', found "
+                     f"{lines[0][:60]!r}; NSMC's files start with that header (other "
+                     f"layouts: 'document<TAB>label' lines, or plain text without tabs)")
+
+
+def read_lines(path):
+    """The lines of a UTF-8 text file, split only at line feeds, without their endings
+    (CRLF included); at least one."""
+    path = Path(path)
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise InputError(f"{path}:{line}: byte 0x{raw[e.start]:02x} is not UTF-8; "
+                         f"re-save the file as UTF-8") from None
+    # Only \n ends a line. str.splitlines() would also break on \r, \f, \v, U+0085, U+2028,
+    # U+2029 and \x1c-\x1e, which reviews contain as text: a review cut in two there
+    # shows up as a wrong field count on a wrong line number.
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    if lines[-1] == "":  # the newline that ends the last line starts no new one
+        lines.pop()
+    if not lines:
+        raise InputError(f"{path}: the file is empty; expected the header "
+                         f"'id<TAB>document<TAB>label' and one review per line")
+    return lines
+
+
+def read_labelled(path, numbered, columns):
+    """Reviews from (line number, line) pairs of tab-separated `columns`."""
+    reviews = Reviews([], [])
+    for number, line in numbered:
+        fields = line.split("\t")
+        if len(fields) != len(columns):
+            raise InputError(f"{path}:{number}: expected {len(columns)} tab-separated fields "
+                             f"({', '.join(columns)}), found {len(fields)}; fix or delete the line")
+        document, label = fields[-2:]  # both layouts end with document, label
+        if label not in ("0", "1"):
+            # The likeliest cause on line 1: a header other than `document<TAB>label`.
+            hint = ("a header must read 'document<TAB>label'" if number == 1
+                    else "use 1 for a positive review, 0 for a negative one")
+            raise InputError(f"{path}:{number}: label must be 0 or 1, found "
+                             f"{label!r}; {hint}")
+        if not document.strip():
+            reviews.blank += 1
+            continue
+        reviews.texts.append(document)
+        reviews.labels.append(1 if label == "1" else 0)
+    return reviews
+
+
+def read_plain(path, numbered):
+    """Texts without labels, one a line."""
+    reviews = Reviews([], labels=None)
+    for number, line in numbered:
+        if "\t" in line:
+            raise InputError(f"{path}:{number}: a tab in a plain-text corpus (line 1 has "
+                             f"none, so every line is read as one text without a label); "
+                             f"remove the tab, or write every line as 'document<TAB>label'")
+        if not line.strip():
+            reviews.blank += 1
+            continue
+        reviews.texts.append(line)
+    return reviews

@@ -1,0 +1,218 @@
+"""Saving a run so that `--resume` continues it exactly, and the best model so far:
+
+    checkpoint-<step>/   the model (Hugging Face format), training_state.pt (optimizer,
+                         scheduler, progress, the run's settings) and rng_state_<rank>.pt
+                         per replica
+    config.json, model.safetensors, tokenizer files: the best model so far
+
+Every replica takes part in a save: checkpoints are written under a temporary name and
+renamed once every replica's part is written, so a crash, a kill or a full disk at any
+moment loses nothing already saved. rundir.py finds them again. A CPU/GPU-only copy of the
+loop can keep `save_checkpoint`/`restore` and drop the barriers (they do nothing there).
+"""
+import hashlib
+import os
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from model import cpu_state_dict, save_pretrained
+from runtime.errors import CheckpointError, InputError, NonFiniteLoss, add_file_bytes, first_line
+from runtime.progress import Progress
+from runtime.rundir import (WRITE_ERRORS, drop_later_checkpoints, latest_checkpoint,
+                            master_writes, prune_checkpoints, saving)
+
+
+@dataclass
+class CheckpointConfig:
+    """Where a run is kept and how often (train.py's flags of the same names)."""
+    downstream_model_dir: str = "checkpoint-generation"
+    save_every_steps: int = None    # also every N optimizer steps (always after each epoch)
+    keep_checkpoints: int = 2
+    resume: str = None              # None, "latest" or a checkpoint-<step> folder
+    overwrite_output_dir: bool = False
+
+
+# On resume, settings that change what a step computes or the schedule under way are
+# refused: with others the run would not be the one it continues. The corpus is compared by
+# content (its files' SHA-256), so its folder may move.
+FIXED_ON_RESUME = ["pretrained_model_name", "max_seq_length", "batch_size", "grad_accum_steps",
+                   "seed", "epochs", "max_steps", "warmup_ratio", "warmup_steps", "world_size",
+                   "corpus", "group_by_length"]
+# Applied from the resumed step on, in place of the values the optimizer saved.
+APPLIED_ON_RESUME = ["learning_rate", "weight_decay"]
+NOT_COMPARED = ["resume", "debug", "cpu_workers", "compile", "cache_dir", "overwrite_output_dir",
+                "downstream_model_dir", "downstream_corpus_root_dir"]
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def save_checkpoint(cfg, backend, progress, model, tokenizer, optimizer, scheduler, settings):
+    """Write `checkpoint-<step>/` and keep the newest `cfg.keep_checkpoints` of them.
+    `settings`: the run's settings, recorded so that a resume can compare its own.
+
+    Every replica writes its own RNG state and learns whether all writes succeeded
+    (xm.save is not used: a write that fails on one replica would leave the others waiting
+    in its barrier forever)."""
+    out = Path(cfg.downstream_model_dir)
+    backend.sync()
+    check_finite_weights(model, progress.step)
+    final, tmp = out / f"checkpoint-{progress.step}", out / f"checkpoint-{progress.step}.tmp"
+
+    def write_model_and_state():
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_pretrained(model, tokenizer, tmp, cpu_state_dict(model))
+        torch.save(training_state(progress, optimizer, scheduler, settings),
+                   tmp / "training_state.pt")
+
+    error = write_or_error(write_model_and_state) if backend.is_master else None
+    backend.barrier("checkpoint-started")  # the folder exists before the replicas write in it
+    error = error or write_or_error(
+        lambda: torch.save(backend.rng_state(), tmp / f"rng_state_{backend.rank}.pt"))
+    if backend.any_replica(error is not None):
+        if backend.is_master:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(out, warn=False)
+        raise CheckpointError(
+            f"could not write {final} ({first_line(error) if error else 'on another replica'}); "
+            f"{f'{previous} is intact' if previous else 'no earlier checkpoint exists'}. "
+            f"Free some space, then run the same command with --resume latest")
+    backend.barrier("checkpoint-written")
+    if backend.is_master:
+        replace_dir(tmp, final)
+        prune_checkpoints(out, cfg.keep_checkpoints)
+    backend.barrier("checkpoint-done")
+    return final
+
+
+def training_state(progress, optimizer, scheduler, settings):
+    """Everything but the weights and the random state that a resumed run needs."""
+    return {"progress": asdict(progress),
+            "optimizer": to_cpu(optimizer.state_dict()),
+            "scheduler": scheduler.state_dict(),
+            "settings": settings}
+
+
+def write_or_error(write):
+    """Run `write()`; return the error it raised (a full disk, say), or None."""
+    try:
+        write()
+    except WRITE_ERRORS as e:
+        return e
+    return None
+
+
+def check_finite_weights(model, step):
+    """A non-finite loss is caught when it is reported; weights that overflowed without
+    one (an infinite learning rate) are caught here, before anything is written. One host
+    read for all the parameters."""
+    if not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
+        raise NonFiniteLoss(f"the weights became non-finite at step {step} (is the learning "
+                            f"rate too high?); nothing was saved for this step")
+
+
+def to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+def replace_dir(src, dst):
+    if dst.exists():  # the same step saved twice (an epoch's end that is also a save step)
+        shutil.rmtree(dst)
+    os.replace(src, dst)
+
+
+def export_best(out, backend, model, tokenizer, step):
+    """The best model so far, in Hugging Face format, at the top of `out`, so that
+    `from_pretrained(out)` loads it. Written into a folder beside it, then each file renamed
+    into place, `config.json` last: a kill at any moment leaves a model that loads (each
+    rename is whole, and within a run only the weights change), or, during the very first
+    export, no config.json and so no model at all."""
+    out, tmp = Path(out), Path(out) / ".best.tmp"
+    check_finite_weights(model, step)  # every replica: the weights are the same on each
+
+    def write():
+        try:
+            with saving(out / "the best model", previous=out):
+                shutil.rmtree(tmp, ignore_errors=True)
+                save_pretrained(model, tokenizer, tmp, cpu_state_dict(model))
+                for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):
+                    os.replace(f, out / f.name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    master_writes(backend, write)
+
+
+# --------------------------------------------------------------------------- resuming
+
+
+def check_resume_args(saved, current, warn=True):
+    """Refuse to continue with settings that change the work; say what the rest do.
+    `saved` and `current`: the checkpoint's settings and this run's, flag by flag, with what
+    the flags leave to the machine (world_size, corpus, precision)."""
+    changed = [k for k in current if k not in NOT_COMPARED and saved.get(k) != current[k]]
+    fatal = [k for k in changed if k in FIXED_ON_RESUME]
+    world_size = current["world_size"]
+    if "corpus" in fatal:
+        raise InputError("--resume: the corpus files differ from the ones the checkpoint was "
+                         "trained on (edited, or another --downstream_corpus_root_dir); "
+                         "resume with the same files, or start a new --downstream_model_dir")
+    if "world_size" in fatal:
+        raise InputError(f"--resume: the checkpoint was trained on {saved.get('world_size')} "
+                         f"replicas and this run has {world_size}; resume on as many devices "
+                         f"(torchrun's --nnodes x --nproc_per_node, CPU_NUM_DEVICES for XLA "
+                         f"on the CPU, the same TPU), or start a new --downstream_model_dir")
+    if fatal:
+        k = fatal[0]
+        raise InputError(f"--resume: --{k} is {current[k]!r} but the checkpoint was trained "
+                         f"with {saved.get(k)!r}; use the same value or start a new "
+                         f"--downstream_model_dir")
+    for k in changed if warn else []:
+        applied = " (applied from the resumed step on)" if k in APPLIED_ON_RESUME else ""
+        print(f"warning: --resume: --{k} changed from {saved.get(k)!r} to {current[k]!r}"
+              f"{applied}", file=sys.stderr)
+
+
+def corpus_digest(files):
+    """SHA-256 of the corpus files' bytes: a resumed run must train on what its checkpoint
+    was trained on, wherever the files now are."""
+    digest = hashlib.sha256()
+    for path in files:
+        add_file_bytes(digest, path)
+    return digest.hexdigest()
+
+
+def restore(path, cfg, backend, optimizer, scheduler, settings):
+    """Load the optimizer, scheduler and this replica's RNG state from `path` (the weights
+    were loaded from it with the model); returns the progress to continue from."""
+    state = torch.load(path / "training_state.pt", weights_only=True)
+    # Every replica checks (they must all refuse together); the master alone warns.
+    check_resume_args(state["settings"], settings, warn=backend.is_master)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    apply_hyperparameters(optimizer, scheduler, settings["learning_rate"],
+                          settings["weight_decay"])
+    backend.set_rng_state(torch.load(path / f"rng_state_{backend.rank}.pt", weights_only=True))
+    progress = Progress(**state["progress"])
+    master_writes(backend, lambda: drop_later_checkpoints(cfg.downstream_model_dir,
+                                                          progress.step))
+    return progress
+
+
+def apply_hyperparameters(optimizer, scheduler, learning_rate, weight_decay):
+    """The saved optimizer state carries the old peak learning rate and weight decay:
+    replace them with this run's, so a changed flag means what it says."""
+    scheduler.base_lrs = [learning_rate for _ in optimizer.param_groups]
+    for group, lr_lambda in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = learning_rate
+        group["lr"] = learning_rate * lr_lambda(scheduler.last_epoch)
+    optimizer.param_groups[0]["weight_decay"] = weight_decay  # the decayed group

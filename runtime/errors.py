@@ -1,0 +1,44 @@
+"""The errors a run turns into one line instead of a traceback, and the helpers that keep
+that line short. Standard library only: the command line uses it before torch loads."""
+import os
+from pathlib import Path
+
+
+class InputError(Exception):
+    """Something the user can fix (a file, a line, a flag): printed as one line."""
+
+
+class CheckpointError(Exception):
+    """A save failed (a full disk, say); what was saved before is intact."""
+
+
+class NonFiniteLoss(Exception):
+    """The loss became NaN or infinite: nothing it trained may be saved."""
+
+
+def first_line(error):
+    """The first line of `error`'s message (its type's name when it has none), cut to 200
+    characters: enough to say what went wrong inside one line of ours."""
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:200]
+
+
+def write_atomically(path, write):
+    """Call `write(tmp)` then rename tmp to `path`: readers see the old file or the whole
+    new one, never half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def add_file_bytes(digest, path):
+    """`digest` updated with the bytes of the file `path`, read a megabyte at a time."""
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest

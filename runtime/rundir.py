@@ -1,0 +1,231 @@
+"""The output directory, `--downstream_model_dir`: owned by one run at a time (a lock per
+host), never shared by two runs' checkpoints, seen alike by every host, and searched for the
+checkpoint a run resumes from (the newest one that loads: a kill or a full disk can leave
+files that exist but are cut short).
+
+    checkpoint-<step>/   written by checkpoint.py
+    config.json, model.safetensors, tokenizer files: the best model so far
+    metrics.jsonl        one event a line (written by reporting.py)
+    .lock                held while a run writes here
+"""
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from runtime.backends import first_on_host
+from runtime.errors import CheckpointError, InputError, first_line
+
+# What a failed write raises: OSError for most, RuntimeError from torch.save on a full disk
+# ("PytorchStreamWriter failed writing file"), SafetensorError from the safetensors writer.
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+
+
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "training_state.pt", "rng_state_0.pt")
+
+
+BEST_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors",
+                    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def master_writes(backend, write):
+    """Run `write()` on the master alone, and when it fails (CheckpointError) make every
+    replica raise: a replica that raised alone would leave the others waiting for it at
+    their next collective, forever. The master's error is the one the launcher prints."""
+    error = None
+    if backend.is_master:
+        try:
+            write()
+        except CheckpointError as e:
+            error = e
+    if backend.any_replica(error is not None):
+        raise error or CheckpointError("the master could not write (its error is above)")
+
+
+@contextlib.contextmanager
+def saving(what, previous):
+    """Turn a failed write (a full disk, a read-only folder) into one clear line."""
+    try:
+        yield
+    except WRITE_ERRORS as e:
+        raise CheckpointError(f"could not write {what} ({first_line(e)}); what was "
+                              f"already in {previous} is intact. Free some space, then run "
+                              f"the same command with --resume latest") from None
+
+
+# --------------------------------------------------------------------------- finding checkpoints
+
+
+def checkpoints(out):
+    """checkpoint-<step> folders in `out`, newest first (temporary ones included)."""
+    found = []
+    for path in Path(out).glob("checkpoint-*"):
+        step = path.name.removeprefix("checkpoint-").removesuffix(".tmp")
+        if step.isdigit() and path.is_dir():
+            found.append((int(step), path.name.endswith(".tmp"), path))
+    return [path for _, _, path in sorted(found, reverse=True)]
+
+
+def is_complete(path):
+    return damage(path) is None
+
+
+def damage(path):
+    """Why the checkpoint folder `path` cannot be resumed from, or None when every file
+    loads. A kill or a full disk can leave files that exist but are cut short."""
+    path = Path(path)
+    for name in CHECKPOINT_FILES:
+        if not (path / name).is_file():
+            return f"{name} is missing"
+    try:
+        name = "config.json"
+        json.loads((path / name).read_text(encoding="utf-8"))
+        name = "model.safetensors"
+        with safe_open(path / name, "pt"):  # checks the header against the file's size
+            pass
+        for name in ["training_state.pt"] + sorted(p.name for p in path.glob("rng_state_*.pt")):
+            state = torch.load(path / name, weights_only=True)
+            if not isinstance(state, dict):
+                raise ValueError(f"holds a {type(state).__name__}, not a dict")
+    except Exception as e:  # whatever a damaged file makes its reader raise
+        return f"{name} does not load ({first_line(e)})"
+    return None
+
+
+def latest_checkpoint(out, warn=True):
+    """The newest checkpoint that loads; the damaged and unfinished ones are skipped."""
+    for path in checkpoints(out):
+        problem = "a save was interrupted" if path.name.endswith(".tmp") else damage(path)
+        if problem is None:
+            return path
+        if warn:
+            print(f"warning: skipping {path}: {problem}", file=sys.stderr)
+    return None
+
+
+def prune_checkpoints(out, keep):
+    complete = [p for p in checkpoints(out) if not p.name.endswith(".tmp")]
+    for path in complete[keep:]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def find_resume_checkpoint(resume, out):
+    """The folder `--resume` names: None, 'latest' (the newest complete one) or a path."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        path = latest_checkpoint(out)
+        if path is None:
+            print(f"--resume latest: no checkpoint in {out} yet; starting from the beginning",
+                  file=sys.stderr)
+        return path
+    path = Path(resume).expanduser()
+    problem = damage(path)
+    if problem:
+        raise InputError(f"--resume {resume}: not a checkpoint that loads: {problem}; use "
+                         f"another checkpoint-<step> folder, or --resume latest")
+    return path
+
+
+def check_fresh_start(out, resume, overwrite):
+    """A run that does not resume must not share its folder with an earlier run's
+    checkpoints: --resume latest would then pick whichever has the higher step, and pruning
+    would delete the new run's. Refuse, or with --overwrite_output_dir delete the earlier
+    run: its checkpoints, metrics.jsonl and best model. (On a TPU pod every host does this
+    at once, hence the deletions that tolerate a file already gone.)"""
+    old = checkpoints(out)
+    if resume is not None or not old:
+        return
+    if not overwrite:
+        raise InputError(f"--downstream_model_dir {out} holds an earlier run ({old[0].name}); "
+                         f"continue it with --resume latest, pass --overwrite_output_dir to "
+                         f"replace it, or choose another directory")
+    for name in BEST_MODEL_FILES + ("metrics.jsonl", ".replicas-see-this"):
+        (Path(out) / name).unlink(missing_ok=True)
+    for path in old:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def drop_later_checkpoints(out, step):
+    """Resuming from `step` abandons the checkpoints after it (a damaged newest one, or the
+    later steps of a run resumed from an earlier point): left there, they would be what
+    --resume latest picks next time, and the pruning would delete the new ones instead."""
+    for path in checkpoints(out):
+        if int(path.name.removeprefix("checkpoint-").removesuffix(".tmp")) > step:
+            print(f"warning: removing {path}: it is later than the step resumed from",
+                  file=sys.stderr)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def agreed_checkpoint(backend, resume, out):
+    """The checkpoint to resume from, as the master chose it, so that every replica
+    continues from the same step."""
+    chosen = find_resume_checkpoint(resume, out) if backend.is_master else None
+    chosen = backend.barrier("resume-from", str(chosen or "").encode())[0].decode()
+    return Path(chosen) if chosen else None
+
+
+def check_output_shared(backend, out):
+    """Every replica must see what the master writes in `out`: it resumes from there. On a
+    TPU pod, where each host runs this script, a folder on a host's own disk would leave
+    the hosts resuming from different steps and waiting for each other forever: one line
+    now instead."""
+    if backend.world_size == 1:
+        return
+    probe = Path(out) / ".replicas-see-this"
+    token = f"{os.getpid()} {time.time_ns()}"
+    if backend.is_master:
+        probe.write_text(token)
+    token = backend.barrier("output-probe", token.encode())[0].decode()  # the master's
+    try:
+        seen = probe.read_text() == token
+    except OSError:
+        seen = False
+    if backend.any_replica(not seen):
+        raise InputError(f"--downstream_model_dir {out}: some replicas cannot see what the "
+                         f"master writes there; on several hosts (a TPU pod, torchrun --nnodes) "
+                         f"it must be storage every host sees (NFS, a Filestore or GCS FUSE "
+                         f"mount), at the same path")
+
+
+# --------------------------------------------------------------------------- the directory lock
+
+
+@contextlib.contextmanager
+def exclusive(directory):
+    """Hold a lock on the output directory so two runs cannot write into it at once. The
+    operating system releases it when the process ends, however it ends. On a TPU pod every
+    host runs this script on the same shared folder, and so does every node of a torchrun
+    (GROUP_RANK): one lock per host, held by its first process."""
+    if not first_on_host():  # torchrun's other processes on this host: the first holds it
+        yield
+        return
+    directory = Path(directory)
+    worker, node = os.environ.get("TPU_WORKER_ID"), int(os.environ.get("GROUP_RANK", 0))
+    name = f".lock-worker{worker}" if worker else f".lock-node{node}" if node else ".lock"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        lock = open(directory / name, "a+")
+    except OSError as e:
+        raise InputError(f"--downstream_model_dir {directory} cannot be written "
+                         f"({first_line(e)}); choose a writable directory") from None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise InputError(f"--downstream_model_dir {directory} is in use by another "
+                             f"training run (pid {lock.read().strip() or '?'}); wait for it "
+                             f"to finish or choose another directory") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield

@@ -1,0 +1,87 @@
+"""Writing reviews of a polarity, as training taught the model: `긍정 prompt` tokenized
+without special tokens, with no token_type_ids, continued until `</s>`; optionally steered
+towards its polarity by classifier-free guidance. Control accuracy is the share of the
+reviews written that an independent judge (judge.py) finds in the polarity asked for.
+"""
+import torch
+
+from corpus.features import POLARITY
+from task import GUIDANCE, SAMPLING
+
+
+def prompt_ids(tokenizer, polarity, prompt=""):
+    """Token ids [1, n] that start a review the way training started one: `polarity prompt`
+    with no special tokens. With no prompt the polarity word stands alone: `"긍정 "` would
+    add a token for the trailing space, which training never put there."""
+    text = f"{polarity} {prompt.strip()}".strip()
+    return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+
+
+def other_word(polarity):
+    """The polarity word that is not `polarity`."""
+    return next(word for word in POLARITY.values() if word != polarity)
+
+
+def guidance_arguments(tokenizer, polarity, prompt, guidance, rows, device):
+    """`generate`'s arguments for classifier-free guidance that contrasts `polarity` with
+    the other word: the next token's log-probabilities become
+    u + guidance * (c - u), c given `polarity prompt` and u given `other prompt`.
+    transformers runs the other word's branch itself, with a cache of its own, one row per
+    sequence generated (it does not expand the negative prompt to num_return_sequences)."""
+    if guidance == 1 or not polarity:  # no other word to contrast with a model without labels
+        return {}
+    negative = prompt_ids(tokenizer, other_word(polarity), prompt).to(device).expand(rows, -1)
+    return dict(guidance_scale=float(guidance), negative_prompt_ids=negative,
+                negative_prompt_attention_mask=torch.ones_like(negative))
+
+
+@torch.no_grad()
+def write_reviews(model, tokenizer, polarity, settings, prompt="", num_samples=1, seed=0,
+                  guidance=1.0):
+    """`num_samples` reviews of `polarity` (a POLARITY word, or "" for a model trained
+    without labels) that continue `prompt`, from one batched `generate` call, each decoded
+    without the polarity word. `settings` are `generate`'s sampling arguments (SAMPLING);
+    `guidance` above 1 steers the reviews towards `polarity` (see `guidance_arguments`).
+
+    Temperature 0 is greedy decoding, the likeliest token each time: it has no randomness,
+    so it writes one review whatever `num_samples`, and temperature, top_k and top_p have
+    nothing to act on (they are left out: transformers refuses or warns about them).
+
+    The same seed gives the same reviews, and the caller's random state is left as it
+    was, so that training goes on exactly as if no samples had been drawn."""
+    greedy = settings.get("temperature") == 0
+    if greedy:
+        settings = {name: value for name, value in settings.items()
+                    if name not in ("temperature", "top_k", "top_p")}
+        num_samples = 1
+    input_ids = prompt_ids(tokenizer, polarity, prompt).to(model.device)
+    guided = guidance_arguments(tokenizer, polarity, prompt, guidance, num_samples, model.device)
+    cuda = [model.device] if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                do_sample=not greedy, num_return_sequences=num_samples,
+                                eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=tokenizer.pad_token_id, **guided, **settings)
+    # Whitespace splits the polarity word from the prompt, so it is the same tokens alone.
+    skip = prompt_ids(tokenizer, polarity).shape[1] if polarity else 0
+    return [tokenizer.decode(row[skip:], skip_special_tokens=True).strip() for row in output]
+
+
+def control_accuracy(model, tokenizer, judge_, num_samples, seed, guidance=GUIDANCE,
+                     settings=SAMPLING):
+    """The share of `num_samples` reviews written for each polarity that `judge_` (see
+    judge.py) finds in the polarity asked for; also the reviews, by label."""
+    reviews = {label: write_reviews(model, tokenizer, word, settings, "", num_samples, seed,
+                                    guidance)
+               for label, word in POLARITY.items()}
+    right = sum(predicted == label for label, texts in reviews.items()
+                for predicted in judge_.predict(texts))
+    return right / sum(len(texts) for texts in reviews.values()), reviews
+
+
+def one_review_each(model, tokenizer, seed, max_new_tokens=20, guidance=GUIDANCE):
+    """One short review of each polarity, as train.py shows at each evaluation."""
+    settings = {**SAMPLING, "max_new_tokens": max_new_tokens}
+    return {word: write_reviews(model, tokenizer, word, settings, seed=seed, guidance=guidance)[0]
+            for word in POLARITY.values()}

@@ -1,0 +1,76 @@
+"""The NSMC task's part of an evaluation, the hook that train.py's `evaluate` calls after the
+validation loss: polarity accuracy, one short review of each polarity, and at the final
+evaluation the control accuracy of the reviews the model writes. A loop for another task
+replaces this class with its own `evaluate(model, backend, final)`."""
+import functools
+from dataclasses import dataclass
+
+from task.generation import control_accuracy, one_review_each
+from task.judge import load_judge
+from task.polarity import polarity_accuracy
+
+CONTROL_SAMPLES = 100  # reviews of each polarity written and judged at the final evaluation
+
+
+@dataclass
+class TaskConfig:
+    """train.py's flags of the same names."""
+    polarity_eval_size: int = 500   # validation reviews scored (0: none, nor control accuracy)
+    batch_size: int = 32
+    cpu_workers: int = 0
+    seed: int = 7                   # the samples' seed
+    cache_dir: str = "~/.cache/kogpt2-nsmc"
+
+
+class NsmcTask:
+    """Evaluates a model on labelled validation features; a corpus without labels (plain
+    text, no polarity words) has nothing of this to evaluate."""
+
+    def __init__(self, cfg, tokenizer, val_features, train_file, val_file):
+        self.cfg, self.tokenizer, self.val_features = cfg, tokenizer, val_features
+        self.files = (train_file, val_file)
+        self.labelled = val_features.labels is not None
+
+    def prepare(self):
+        """Work done once on each host before its replicas start: train the judge of
+        control accuracy (and cache it) when the final evaluation will use it."""
+        if self.labelled and self.cfg.polarity_eval_size:
+            self.judge()
+
+    def judge(self):
+        """The judge: trained on the training file, checked on the validation file."""
+        return judge_of(*self.files, self.cfg.cache_dir)
+
+    def evaluate(self, model, backend, final):
+        """Polarity accuracy (every replica scores its share), and what `written_reviews`
+        shows; the model is in eval mode."""
+        if not self.labelled:
+            return {}
+        result = {}
+        if self.cfg.polarity_eval_size:
+            result["polarity_accuracy"] = polarity_accuracy(
+                model, self.tokenizer, self.val_features, backend, self.cfg.batch_size,
+                self.cfg.polarity_eval_size, self.cfg.cpu_workers)
+        if backend.is_master:
+            result.update(self.written_reviews(backend.generation_model(model), final))
+        return result
+
+    def written_reviews(self, model, final):
+        """One short review of each polarity, and at the `final` evaluation (unless
+        --polarity_eval_size 0) the control accuracy of CONTROL_SAMPLES of each, with the
+        judge's own accuracy beside it. Seeded, and drawn without touching the training RNG,
+        so a run with samples trains exactly as one without. The control accuracy only at
+        the end: that is 200 reviews, each token computed twice under guidance."""
+        result = {"samples": one_review_each(model, self.tokenizer, self.cfg.seed)}
+        if final and self.cfg.polarity_eval_size:
+            judge = self.judge()
+            result["control_accuracy"], _ = control_accuracy(model, self.tokenizer, judge,
+                                                             CONTROL_SAMPLES, self.cfg.seed)
+            result["judge_accuracy"] = judge.val_accuracy
+        return result
+
+
+@functools.lru_cache(maxsize=4)
+def judge_of(train_file, val_file, cache_dir):
+    """The judge of these files, trained or read from the cache once per process."""
+    return load_judge(train_file, val_file, cache_dir)
