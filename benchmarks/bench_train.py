@@ -32,13 +32,16 @@ from concurrent.futures import ProcessPoolExecutor  # noqa: E402
 
 import torch  # noqa: E402
 
-import backend as backends  # noqa: E402
+from corpus import features as corpus_features  # noqa: E402
+from corpus import read as corpus_read  # noqa: E402
+import runtime.errors  # noqa: E402
 import data  # noqa: E402
+from runtime import backends  # noqa: E402
 import sched  # noqa: E402
 import train  # noqa: E402
-from data import InputError  # noqa: E402
+from runtime.errors import InputError  # noqa: E402
 from model import load_model, load_tokenizer, packs_reviews, splits_off_output_layer  # noqa: E402
-from reporting import LossMeter  # noqa: E402
+from runtime.reporting import LossMeter  # noqa: E402
 
 # Randomly initialised GPT-2 shapes for --model_shape. `kogpt2` is skt/kogpt2-base-v2's exact
 # shape (125M parameters, vocabulary 51,200); `tiny` uses the tokenizer's own vocabulary.
@@ -97,7 +100,7 @@ def parse_args(argv=None):
                    help="time the data preparation only")
     p.add_argument("--glibc_defaults", action="store_true",
                    help="CPU: leave glibc's allocator as it is in both loops, instead of "
-                        "keeping freed memory as train.py does (backend.keep_freed_memory)")
+                        "keeping freed memory as train.py does (runtime.backends.keep_freed_memory)")
     p.add_argument("--no_grouped", action="store_true",
                    help="skip the runs with batches grouped by length")
     return p.parse_args(argv)
@@ -120,10 +123,10 @@ def check_args(args):
 def prepare_data(args, tokenizer):
     """Time reading and tokenizing every corpus file into an empty cache (cold), then
     loading the features back from it (warm). Returns the training features, warm."""
-    files = data.corpus_files(args.downstream_corpus_root_dir, args.downstream_corpus_name)
+    files = corpus_read.corpus_files(args.downstream_corpus_root_dir, args.downstream_corpus_name)
 
     def load_all(cache):
-        return [data.load_features(f, tokenizer, args.max_seq_length, cache) for f in files]
+        return [corpus_features.load_features(f, tokenizer, args.max_seq_length, cache) for f in files]
 
     with tempfile.TemporaryDirectory() as cache:
         cold, _ = timed(load_all, cache)
@@ -145,7 +148,7 @@ def timed(fn, *args):
 def first(features, n):
     if n is None:
         return features
-    return data.Features(features.input_ids[:n], features.lengths[:n], features.labels[:n])
+    return corpus_features.Features(features.input_ids[:n], features.lengths[:n], features.labels[:n])
 
 
 # --------------------------------------------------------------------------- measuring
@@ -411,7 +414,7 @@ def measure(args, features):
             except Exception as e:
                 if fn is run_ours or args.device != "xla":
                     raise
-                print(f"{name}: skipped, it failed on XLA ({data.first_line(e)})")
+                print(f"{name}: skipped, it failed on XLA ({runtime.errors.first_line(e)})")
                 loops.remove((name, fn, grouped, packed))
                 del results[name]
     return results

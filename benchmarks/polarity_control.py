@@ -35,10 +35,16 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
+from corpus import features as corpus_features  # noqa: E402
+from corpus import read as corpus_read  # noqa: E402
+import options  # noqa: E402
+import task  # noqa: E402
+import task.generation  # noqa: E402
+import task.nsmc  # noqa: E402
+import task.polarity  # noqa: E402
 import data  # noqa: E402
-import polarity  # noqa: E402
 import train  # noqa: E402
-from backend import Backend  # noqa: E402
+from runtime.backends import Backend  # noqa: E402
 from model import load_model, load_tokenizer, max_positions  # noqa: E402
 
 
@@ -52,7 +58,7 @@ def parse_args(argv=None):
                    help="holds nsmc/ratings_train.txt and nsmc/ratings_test.txt")
     p.add_argument("--work_dir", default="/tmp/polarity-control",
                    help="fine-tuned models and the validation file; finished runs are reused")
-    p.add_argument("--cache_dir", default=str(data.default_cache_dir()))
+    p.add_argument("--cache_dir", default=str(options.default_cache_dir()))
     p.add_argument("--max_steps", type=int, default=600)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--learning_rate", type=float, default=3e-4)
@@ -83,13 +89,13 @@ class SeedRecipeBatches(data.ReviewBatches):
 
 def train_as_seed_recipe(argv):
     """train.py's main with the seed's batches for training and its evaluations' loss."""
-    def make_loader(features, index_batches, tokenizer, backend, args, packed):
-        # Padded as the seed's batches are, whatever `packed` says.
-        dataset = SeedRecipeBatches(features, tokenizer.pad_token_id, True, args.batch_size)
-        dataset.eos_token_id = tokenizer.eos_token_id
-        return data.make_loader(dataset, index_batches, args.cpu_workers, backend.pin_memory)
-    train.make_loader = make_loader
-    return train.main(argv)
+    model_name = options.parse_args(argv).pretrained_model_name
+    SeedRecipeBatches.eos_token_id = load_tokenizer(model_name).eos_token_id
+    data.ReviewBatches, ours = SeedRecipeBatches, data.ReviewBatches  # what data.loaders builds
+    try:
+        return train.main(argv + ["--no_packing"])  # padded, as the seed's batches are
+    finally:
+        data.ReviewBatches = ours
 
 
 # --------------------------------------------------------------------------- fine-tuning
@@ -152,19 +158,19 @@ def fluency(model, tokenizer, reviews):
         texts = [text for text in texts if text.strip()]
         if not texts:
             continue
-        features = data.encode(data.Reviews(texts, [label] * len(texts)), tokenizer,
+        features = corpus_features.encode(corpus_read.Reviews(texts, [label] * len(texts)), tokenizer,
                                max_positions(model.config) or 1024)
-        dataset = polarity.PolarityBatches(features, tokenizer, None, False, 64)
-        prefix = polarity.prompt_ids(tokenizer, data.POLARITY[label])
+        dataset = task.polarity.PolarityBatches(features, tokenizer, None, False, 64)
+        prefix = task.generation.prompt_ids(tokenizer, corpus_features.POLARITY[label])
         for indices in data.eval_batches(len(dataset), 64, 1, 0):
             batch = dataset[indices]
-            nll -= polarity.review_log_prob(model, prefix, batch).sum().item()
+            nll -= task.polarity.review_log_prob(model, prefix, batch).sum().item()
             tokens += (batch["labels"] != -100).sum().item()
     return nll / tokens
 
 
 def guidance_row(model, tokenizer, judge, args, guidance):
-    accuracy, reviews = polarity.control_accuracy(model, tokenizer, judge, args.samples,
+    accuracy, reviews = task.generation.control_accuracy(model, tokenizer, judge, args.samples,
                                                   args.seed, guidance)
     token_lists = [tokenizer(text, add_special_tokens=False)["input_ids"]
                    for texts in reviews.values() for text in texts]
@@ -190,7 +196,7 @@ def print_guidance_table(rows):
 
 def print_comparison(results):
     print(f"\n| recipe | val NLL (real tokens) | polarity accuracy (likelihood) | control "
-          f"accuracy, G=1 | control accuracy, G={polarity.GUIDANCE:g} | fine-tune s |")
+          f"accuracy, G=1 | control accuracy, G={task.GUIDANCE:g} | fine-tune s |")
     print("|---|---|---|---|---|---|")
     for name, r in results.items():
         seconds = "reused" if r["seconds"] is None else f"{r['seconds']:.0f}"
@@ -200,12 +206,12 @@ def print_comparison(results):
 
 def measure_recipe(checkpoint, seconds, judge, val_features, args):
     model, tokenizer = load(checkpoint)
-    control = {g: polarity.control_accuracy(model, tokenizer, judge, args.samples, args.seed,
-                                            g)[0] for g in (1, polarity.GUIDANCE)}
+    control = {g: task.generation.control_accuracy(model, tokenizer, judge, args.samples, args.seed,
+                                            g)[0] for g in (1, task.GUIDANCE)}
     return dict(seconds=seconds, val_nll=validation_nll(model, tokenizer, val_features),
-                polarity=polarity.polarity_accuracy(model, tokenizer, val_features,
+                polarity=task.polarity.polarity_accuracy(model, tokenizer, val_features,
                                                     Backend("cpu", "fp32"), 64),
-                control_1=control[1], control_g=control[polarity.GUIDANCE])
+                control_1=control[1], control_g=control[task.GUIDANCE])
 
 
 def main(argv=None):
@@ -215,7 +221,7 @@ def main(argv=None):
     val_file = validation_file(args, work)
     train_file = Path(args.downstream_corpus_root_dir).expanduser() / "nsmc" / "ratings_train.txt"
     ours, ours_seconds = fine_tune(args, work / "ours", val_file)
-    judge = polarity.judge_of(train_file, val_file, args.cache_dir)
+    judge = task.nsmc.judge_of(train_file, val_file, args.cache_dir)
     print(f"judge: character 1-3-gram naive Bayes trained on {train_file}, "
           f"{judge.val_accuracy:.4f} accurate on {val_file}")
 
@@ -223,23 +229,23 @@ def main(argv=None):
     rows = [guidance_row(model, tokenizer, judge, args, g) for g in args.guidance]
     print(f"\nours, {args.max_steps} steps at batch {args.batch_size}, lr {args.learning_rate:g}; "
           f"{args.samples} reviews per polarity and G, seed {args.seed}, sampling "
-          f"{json.dumps(polarity.SAMPLING)}")
+          f"{json.dumps(task.SAMPLING)}")
     print_guidance_table(rows)
     for row in rows:
-        if row["guidance"] in (1, polarity.GUIDANCE):
+        if row["guidance"] in (1, task.GUIDANCE):
             print(f"\nG={row['guidance']:g}, first reviews: "
                   + " / ".join(texts[0] for texts in row["examples"].values()))
     unguided = next((row for row in rows if row["guidance"] == 1), None)
-    chosen = next((row for row in rows if row["guidance"] == polarity.GUIDANCE), None)
+    chosen = next((row for row in rows if row["guidance"] == task.GUIDANCE), None)
     if unguided and chosen:
-        print(f"\ndefault G={polarity.GUIDANCE:g}: control accuracy {chosen['control']:.3f} "
+        print(f"\ndefault G={task.GUIDANCE:g}: control accuracy {chosen['control']:.3f} "
               f"(target 0.95), distinct-2 {chosen['distinct2'] / unguided['distinct2'] - 1:+.1%} "
               f"against unguided sampling (target within 10%)")
     if args.skip_seed_recipe:
         return 0
 
     seed, seed_seconds = fine_tune(args, work / "seed-recipe", val_file, seed_recipe=True)
-    val_features = data.load_features(val_file, tokenizer, args.max_seq_length, args.cache_dir)
+    val_features = corpus_features.load_features(val_file, tokenizer, args.max_seq_length, args.cache_dir)
     results = {"ours": measure_recipe(ours, ours_seconds, judge, val_features, args),
                "seed's recipe": measure_recipe(seed, seed_seconds, judge, val_features, args)}
     print(f"\nthe same {args.max_steps} steps, batch {args.batch_size}, lr "

@@ -130,9 +130,18 @@ def tokenize(corpus_file, tokenizer, max_seq_length, progress=False):
 
 
 def read_cache(path, corpus_file, tokenizer, max_seq_length):
-    """The features cached at `path`; None when there is no such file, or, with a warning,
-    when it holds anything but features of this shape: cut short, damaged on disk, another
-    program's. Tokenizing again costs seconds; wrong features could cost the whole run."""
+    """The features cached at `path`, or None (see `load_cached`). Tokenizing again costs
+    seconds; wrong features could cost the whole run."""
+    saved = load_cached(path, lambda saved: cache_layout_problem(saved, max_seq_length)
+                        or cache_value_problem(saved, tokenizer),
+                        instead=f"tokenizing {corpus_file} again")
+    return None if saved is None else Features(**saved)
+
+
+def load_cached(path, problem_of, instead):
+    """What torch saved at `path`, when `problem_of(it)` finds nothing wrong with it (returns
+    None); None when there is no such file, or, with a warning ending in `instead`, when it
+    holds anything else: cut short, damaged on disk, another program's."""
     if not path.is_file():
         return None
     try:
@@ -142,12 +151,10 @@ def read_cache(path, corpus_file, tokenizer, max_seq_length):
         # EOF errors and more. Any of them means the same: this file cannot be used.
         problem = f"not a readable torch file: {type(e).__name__}"
     else:
-        problem = (cache_layout_problem(saved, max_seq_length)
-                   or cache_value_problem(saved, tokenizer))
+        problem = problem_of(saved)
     if problem is None:
-        return Features(**saved)
-    print(f"warning: ignoring the cache file {path} ({problem}); tokenizing {corpus_file} "
-          f"again", file=sys.stderr)
+        return saved
+    print(f"warning: ignoring the cache file {path} ({problem}); {instead}", file=sys.stderr)
     return None
 
 

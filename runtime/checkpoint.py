@@ -196,7 +196,8 @@ def restore(path, cfg, backend, optimizer, scheduler, settings):
     were loaded from it with the model); returns the progress to continue from."""
     state = torch.load(path / "training_state.pt", weights_only=True)
     # Every replica checks (they must all refuse together); the master alone warns.
-    check_resume_args(state["settings"], settings, warn=backend.is_master)
+    saved = state["settings"] if "settings" in state else state["args"]  # before 2026-12
+    check_resume_args(saved, settings, warn=backend.is_master)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     apply_hyperparameters(optimizer, scheduler, settings["learning_rate"],

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from corpus.features import load_cached
 from corpus.read import read_corpus
 from runtime.errors import InputError, add_file_bytes, first_line, write_atomically
 
@@ -78,7 +79,7 @@ def load_judge(train_file, val_file, cache_dir):
         add_file_bytes(key, path)
     key.update(f"{NGRAM_SIZES}|{SMOOTHING}|{JUDGE_VERSION}".encode())
     path = Path(cache_dir).expanduser() / f"judge-{Path(train_file).stem}-{key.hexdigest()[:16]}.pt"
-    saved = read_cached(path)
+    saved = load_cached(path, judge_problem, instead="training the judge again")
     if saved is None:
         saved = train_judge(*labelled_reviews(train_file))
         saved["val_accuracy"] = Judge(**judge_fields(saved)).accuracy(*labelled_reviews(val_file))
@@ -104,20 +105,13 @@ def labelled_reviews(path):
     return reviews.texts, reviews.labels
 
 
-def read_cached(path):
-    """The judge saved at `path`, or None (with a warning when the file is not one)."""
-    if not path.is_file():
-        return None
+def judge_problem(saved):
+    """What keeps `saved` from being a judge of this version; None when nothing does."""
     try:
-        saved = torch.load(path, weights_only=True)
         ok = (saved["version"] == JUDGE_VERSION and isinstance(saved["ngrams"], list)
               and isinstance(saved["weights"], torch.Tensor)
               and saved["weights"].shape == (len(saved["ngrams"]),)
               and all(isinstance(saved[name], float) for name in ("prior", "val_accuracy")))
-    except Exception:  # damaged on disk, cut short, another program's: train it again
+    except (TypeError, KeyError):
         ok = False
-    if ok:
-        return saved
-    print(f"warning: ignoring the cache file {path} (not a judge of this version); training "
-          f"the judge again", file=sys.stderr)
-    return None
+    return None if ok else "not a judge of this version"

@@ -92,16 +92,33 @@ def build_tiny_kogpt2(out_dir, texts, vocab_size=400, **model_kwargs):
 if __name__ == "__main__":
     import os  # built on the CPU: keep accelerate from importing torch_xla (and its warning)
     os.environ.setdefault("USE_TORCH_XLA", "0")
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--corpus", required=True, help="an NSMC-format file to train the tokenizer on")
-    p.add_argument("--out", required=True)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog="Either --write_corpus DIR (a small NSMC-format sample corpus), or --corpus FILE "
+               "--out DIR (a tiny model whose tokenizer is trained on FILE), or both.")
+    p.add_argument("--write_corpus", metavar="DIR",
+                   help="write a sample corpus in NSMC's layout: DIR/nsmc/ratings_train.txt "
+                        "and DIR/nsmc/ratings_test.txt")
+    p.add_argument("--train_reviews", type=int, default=1000, help="--write_corpus: training reviews")
+    p.add_argument("--test_reviews", type=int, default=200, help="--write_corpus: test reviews")
+    p.add_argument("--corpus", help="an NSMC-format file to train the tokenizer on")
+    p.add_argument("--out", help="where to save the tiny model and its tokenizer")
     p.add_argument("--vocab_size", type=int, default=8000)
     p.add_argument("--lines", type=int, default=50000, help="reviews used to train the tokenizer")
     p.add_argument("--n_layer", type=int, default=2)
     p.add_argument("--n_embd", type=int, default=64)
     p.add_argument("--n_head", type=int, default=2)
     a = p.parse_args()
-    lines = Path(a.corpus).read_text(encoding="utf-8").splitlines()[1:a.lines + 1]
-    texts = [line.split("\t")[1] for line in lines if line.count("\t") == 2]
-    print(build_tiny_kogpt2(a.out, texts, a.vocab_size, n_layer=a.n_layer, n_embd=a.n_embd,
-                            n_head=a.n_head))
+    if not a.write_corpus and not (a.corpus and a.out):
+        p.error("give --write_corpus DIR, or --corpus FILE and --out DIR")
+    if bool(a.corpus) != bool(a.out):
+        p.error("--corpus and --out go together")
+    if a.write_corpus:
+        root = write_corpus(a.write_corpus, n_train=a.train_reviews, n_test=a.test_reviews)
+        print(root / "nsmc" / "ratings_train.txt")
+        print(root / "nsmc" / "ratings_test.txt")
+    if a.corpus:
+        lines = Path(a.corpus).read_text(encoding="utf-8").splitlines()[1:a.lines + 1]
+        texts = [line.split("\t")[1] for line in lines if line.count("\t") == 2]
+        print(build_tiny_kogpt2(a.out, texts, a.vocab_size, n_layer=a.n_layer,
+                                n_embd=a.n_embd, n_head=a.n_head))

@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import checkpoint  # noqa: E402
+import runtime.checkpoint  # noqa: E402
 import train  # noqa: E402
-from backend import StopSignal  # noqa: E402
+from runtime.signals import StopSignal  # noqa: E402
 
 
 def at_step(function, step, fault, step_of):
@@ -47,7 +47,7 @@ def computing(model, optimizer, scheduler, window, backend, step, *rest):
 
 
 def saving(progress, *rest):
-    return progress.step  # checkpoint.training_state, called inside save_checkpoint
+    return progress.step  # runtime.checkpoint.training_state, called inside save_checkpoint
 
 
 def after(sig):
@@ -83,13 +83,13 @@ def install_fault():
         sig = signal.SIGKILL if fault == "sigkill" else signal.SIGTERM
         train.train_step = at_step(train.train_step, step, after(sig), computing)
     elif fault == "kill-in-save":
-        checkpoint.training_state = at_step(checkpoint.training_state, step,
+        runtime.checkpoint.training_state = at_step(runtime.checkpoint.training_state, step,
                                             lambda *a: os.kill(os.getpid(), signal.SIGKILL),
                                             saving)
     elif fault == "disk-full":
         def no_space(function, *args):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        checkpoint.training_state = at_step(checkpoint.training_state, step, no_space, saving)
+        runtime.checkpoint.training_state = at_step(runtime.checkpoint.training_state, step, no_space, saving)
     elif fault in ("sigterm-in-eval", "two-signals-in-eval"):
         signals = [signal.SIGTERM] if fault == "sigterm-in-eval" else [signal.SIGINT, signal.SIGTERM]
         original, calls = train.evaluate, {"n": 0}
@@ -103,7 +103,7 @@ def install_fault():
         train.evaluate = signalled_evaluate
     elif fault == "best-disk-full":  # every export of the best model; STEP is not used
         from safetensors import SafetensorError
-        real_save = checkpoint.save_pretrained
+        real_save = runtime.checkpoint.save_pretrained
 
         def no_space(model, tokenizer, directory, state_dict):
             if Path(directory).name != ".best.tmp":
@@ -112,16 +112,16 @@ def install_fault():
             (Path(directory) / "model.safetensors").write_bytes(b"half a file")
             raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: "
                                   "StorageFull, message: \"No space left on device\" })")
-        checkpoint.save_pretrained = no_space
+        runtime.checkpoint.save_pretrained = no_space
     elif fault == "nan":
-        original = train.accumulate_gradients
+        original = train.train_step
         calls = {"n": 0}
 
         def nan_loss(*args, **kwargs):
             calls["n"] += 1
             loss_sum, tokens = original(*args, **kwargs)
             return (loss_sum * float("nan") if calls["n"] == step else loss_sum), tokens
-        train.accumulate_gradients = nan_loss
+        train.train_step = nan_loss
     else:
         sys.exit(f"unknown fault {fault!r}")
     return train_args

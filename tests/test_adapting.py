@@ -1,18 +1,21 @@
 """The loop's pieces used the way the README's "Adapting the loop" tells a reader to use
 them in a loop of their own: no command line, no checkpoints, no XLA."""
-import backend
-import data
+import pytest
 import sched
+
+import data
+import runtime.backends
 import train
+from corpus import features as corpus_features
 from model import load_model, load_tokenizer
 
 
 def test_the_loops_pieces_train_the_tiny_model_without_the_command_line(tiny_model, corpus,
                                                                          tmp_path):
     tokenizer = load_tokenizer(str(tiny_model))
-    features = data.load_features(corpus / "nsmc" / "ratings_train.txt", tokenizer,
+    features = corpus_features.load_features(corpus / "nsmc" / "ratings_train.txt", tokenizer,
                                   max_seq_length=32, cache_dir=tmp_path)
-    device = backend.Backend("cpu", "fp32")
+    device = runtime.backends.Backend("cpu", "fp32")
     model = load_model(str(tiny_model), tokenizer, device=device.device).train()
     optimizer = device.optimizer(train.param_groups(model, weight_decay=0.0), lr=1e-3)
     steps = 32
@@ -34,15 +37,18 @@ def test_the_loops_pieces_train_the_tiny_model_without_the_command_line(tiny_mod
     assert scheduler.get_last_lr()[0] == 0.0  # the schedule ran to its end
 
 
+@pytest.mark.slow
 def test_the_machinery_stands_without_train_py_and_importing_does_no_work():
     """Modules a reader can skip or drop import neither train.py nor each other in a cycle,
     and importing train.py installs no signal handler (main does, when it runs)."""
     import subprocess
     import sys
+
     from conftest import ROOT
     code = ("import signal, sys\n"
-            "for name in ['sched', 'data', 'model', 'polarity', 'checkpoint', 'reporting',"
-            " 'backend', 'generate']:\n"
+            "for name in ['sched', 'data', 'model', 'corpus.read', 'corpus.features',"
+            " 'runtime.backends', 'runtime.launch', 'runtime.checkpoint', 'runtime.rundir',"
+            " 'runtime.reporting', 'task.polarity', 'task.generation', 'task.nsmc', 'generate']:\n"
             "    __import__(name)\n"
             "    assert 'train' not in sys.modules, name\n"
             "import train\n"

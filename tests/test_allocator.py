@@ -6,15 +6,17 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
+
+import runtime.backends
+
+pytestmark = pytest.mark.slow  # every test here runs train.py or generate.py as a process
 
 STEPS = """
 import resource, sys, torch
 sys.path.insert(0, sys.argv[1])
-import backend
 if sys.argv[2] == "cpu backend":
-    backend.Backend("cpu", None)
+    runtime.backends.Backend("cpu", None)
 
 def page_faults_of_a_step():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

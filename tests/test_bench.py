@@ -1,11 +1,14 @@
 """The benchmark runs end to end at a tiny size and prints its tables (no timing checks:
 a test machine's speed says nothing about the code)."""
+import pytest
 import os
 import re
 import subprocess
 import sys
 
 from conftest import ROOT
+
+pytestmark = pytest.mark.slow  # every test here runs train.py or generate.py as a process
 
 
 def test_benchmark_prints_data_timings_and_every_loop(tiny_model, corpus):

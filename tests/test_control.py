@@ -1,18 +1,21 @@
-"""Polarity control: the independent judge (judge.py), classifier-free guidance towards the
-requested polarity (polarity.write_reviews), and control accuracy in generate.py and train.py."""
+"""Polarity control: the independent judge (task.judge.py), classifier-free guidance towards the
+requested polarity (task.generation.write_reviews), and control accuracy in generate.py and train.py."""
+import fixtures
 import pytest
 import torch
+from conftest import read_metrics, run_train
 
 import data
-import fixtures
 import generate
-import judge
-import polarity
+import runtime.errors
+import task
+import task.generation
+import task.judge
 import train
-from conftest import read_metrics, run_train
+from corpus import features as corpus_features
 from model import load_model, load_tokenizer
 
-SETTINGS = {**polarity.SAMPLING, "max_new_tokens": 12}
+SETTINGS = {**task.SAMPLING, "max_new_tokens": 12}
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +27,7 @@ def corpus_files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fixture_judge(corpus_files, tmp_path_factory):
-    return judge.load_judge(*corpus_files, tmp_path_factory.mktemp("cache"))
+    return task.judge.load_judge(*corpus_files, tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +35,7 @@ def briefly_trained(tiny_model, corpus_files, tmp_path_factory):
     """The tiny model after 10 steps on the fixture corpus: the polarity word has begun to
     matter, not yet enough to decide every review (seeded, so the same model every time)."""
     tokenizer = load_tokenizer(str(tiny_model))
-    features = data.load_features(corpus_files[0], tokenizer, 32, tmp_path_factory.mktemp("c"))
+    features = corpus_features.load_features(corpus_files[0], tokenizer, 32, tmp_path_factory.mktemp("c"))
     batches = data.ReviewBatches(features, tokenizer.pad_token_id, False, 16)
     torch.manual_seed(0)
     model = load_model(str(tiny_model), tokenizer).train()
@@ -55,58 +58,59 @@ def test_the_judge_reads_polarity_from_disjoint_words(fixture_judge):
 
 
 def test_the_judge_is_cached_by_the_files_contents(corpus_files, tmp_path, capsys):
-    first = judge.load_judge(*corpus_files, tmp_path)
+    first = task.judge.load_judge(*corpus_files, tmp_path)
     [cached] = tmp_path.glob("judge-*.pt")
     assert torch.load(cached, weights_only=True)["val_accuracy"] == first.val_accuracy
-    again = judge.load_judge(*corpus_files, tmp_path)
+    again = task.judge.load_judge(*corpus_files, tmp_path)
     assert again.weights == first.weights and list(tmp_path.glob("judge-*.pt")) == [cached]
     cached.write_bytes(b"not a judge")  # damaged: ignored with a warning, trained again
-    assert judge.load_judge(*corpus_files, tmp_path).weights == first.weights
+    assert task.judge.load_judge(*corpus_files, tmp_path).weights == first.weights
     assert "warning: ignoring the cache file" in capsys.readouterr().err
     changed = tmp_path / "train.txt"
     changed.write_text(corpus_files[0].read_text(encoding="utf-8").replace("\t1\n", "\t0\n", 5),
                        encoding="utf-8")
-    judge.load_judge(changed, corpus_files[1], tmp_path)
+    task.judge.load_judge(changed, corpus_files[1], tmp_path)
     assert len(list(tmp_path.glob("judge-*.pt"))) == 2
 
 
 def test_the_judge_needs_labels(tmp_path):
     plain = tmp_path / "plain.txt"
     plain.write_text("영화 최고\n영화 최악\n", encoding="utf-8")
-    with pytest.raises(data.InputError, match="no labelled reviews"):
-        judge.load_judge(plain, plain, tmp_path)
+    with pytest.raises(runtime.errors.InputError, match="no labelled reviews"):
+        task.judge.load_judge(plain, plain, tmp_path)
 
 
 # --------------------------------------------------------------------------- guidance
 
+@pytest.mark.slow
 def test_guidance_steers_reviews_towards_the_requested_polarity(briefly_trained, fixture_judge):
     model, tokenizer = briefly_trained
-    unguided, _ = polarity.control_accuracy(model, tokenizer, fixture_judge, 32, 7, 1, SETTINGS)
-    guided, _ = polarity.control_accuracy(model, tokenizer, fixture_judge, 32, 7, 3, SETTINGS)
+    unguided, _ = task.generation.control_accuracy(model, tokenizer, fixture_judge, 32, 7, 1, SETTINGS)
+    guided, _ = task.generation.control_accuracy(model, tokenizer, fixture_judge, 32, 7, 3, SETTINGS)
     assert guided >= unguided + 0.1, (unguided, guided)
 
 
 def test_the_same_seed_writes_the_same_guided_reviews(briefly_trained):
     model, tokenizer = briefly_trained
     state = torch.get_rng_state()
-    first = polarity.write_reviews(model, tokenizer, "부정", SETTINGS, "영화", 4, 1, guidance=2)
+    first = task.generation.write_reviews(model, tokenizer, "부정", SETTINGS, "영화", 4, 1, guidance=2)
     assert torch.equal(torch.get_rng_state(), state)
-    assert polarity.write_reviews(model, tokenizer, "부정", SETTINGS, "영화", 4, 1,
+    assert task.generation.write_reviews(model, tokenizer, "부정", SETTINGS, "영화", 4, 1,
                                   guidance=2) == first
-    assert polarity.write_reviews(model, tokenizer, "부정", SETTINGS, "영화", 4, 2,
+    assert task.generation.write_reviews(model, tokenizer, "부정", SETTINGS, "영화", 4, 2,
                                   guidance=2) != first
     assert all(review.startswith("영화") for review in first)
 
 
 def test_guidance_contrasts_with_the_other_word_and_the_same_prompt(briefly_trained):
     _, tokenizer = briefly_trained
-    arguments = polarity.guidance_arguments(tokenizer, "긍정", "영화", 2, 3, torch.device("cpu"))
-    expected = polarity.prompt_ids(tokenizer, "부정", "영화")
+    arguments = task.generation.guidance_arguments(tokenizer, "긍정", "영화", 2, 3, torch.device("cpu"))
+    expected = task.generation.prompt_ids(tokenizer, "부정", "영화")
     assert arguments["guidance_scale"] == 2.0
     assert torch.equal(arguments["negative_prompt_ids"], expected.expand(3, -1))
     # Off at 1, and off for a model trained without labels: no other word to contrast with.
-    assert polarity.guidance_arguments(tokenizer, "긍정", "", 1, 3, torch.device("cpu")) == {}
-    assert polarity.guidance_arguments(tokenizer, "", "영화", 2, 3, torch.device("cpu")) == {}
+    assert task.generation.guidance_arguments(tokenizer, "긍정", "", 1, 3, torch.device("cpu")) == {}
+    assert task.generation.guidance_arguments(tokenizer, "", "영화", 2, 3, torch.device("cpu")) == {}
 
 
 # --------------------------------------------------------------------------- generate.py
@@ -120,13 +124,14 @@ def test_bad_guidance_is_one_line_naming_the_flag(value, extra, capsys):
 
 
 def test_guidance_defaults_on_with_polarity_words_and_off_without():
-    for argv, expected in [([], polarity.GUIDANCE), (["--polarity", "none"], 1.0),
+    for argv, expected in [([], task.GUIDANCE), (["--polarity", "none"], 1.0),
                            (["--guidance", "1"], 1.0), (["--guidance", "3"], 3.0)]:
         args = generate.parse_args(argv)
         generate.check_guidance(args)
         assert args.guidance == expected
 
 
+@pytest.mark.slow
 def test_generate_evaluate_prints_control_accuracy_and_the_judges_own(
         briefly_trained, corpus_files, tmp_path, capsys):
     model, tokenizer = briefly_trained
@@ -140,9 +145,9 @@ def test_generate_evaluate_prints_control_accuracy_and_the_judges_own(
     for guidance in ("1", "3"):
         assert generate.main(argv + ["--guidance", guidance]) == 0
         printed.append(capsys.readouterr().out.splitlines()[1])
-    judge_ = judge.load_judge(*corpus_files, tmp_path / "cache")
+    judge_ = task.judge.load_judge(*corpus_files, tmp_path / "cache")
     for line, guidance in zip(printed, (1, 3)):
-        accuracy, _ = polarity.control_accuracy(model, tokenizer, judge_, 32, 7, guidance, SETTINGS)
+        accuracy, _ = task.generation.control_accuracy(model, tokenizer, judge_, 32, 7, guidance, SETTINGS)
         assert line.startswith(f"control accuracy: {accuracy:.4f} of 64 reviews written with "
                                f"--guidance {guidance}, judged by a character n-gram naive Bayes")
         assert line.endswith(f"({judge_.val_accuracy:.4f} accurate on {corpus_files[1]})")
@@ -150,6 +155,7 @@ def test_generate_evaluate_prints_control_accuracy_and_the_judges_own(
 
 # --------------------------------------------------------------------------- train.py
 
+@pytest.mark.slow
 def test_the_final_evaluation_reports_control_accuracy(train_args, tmp_path):
     result = run_train(train_args + ["--max_steps", "4", "--eval_every", "2"])
     assert result.returncode == 0, result.stderr
@@ -162,6 +168,7 @@ def test_the_final_evaluation_reports_control_accuracy(train_args, tmp_path):
             f"{final['judge_accuracy']:.4f} accurate on the validation file)") in result.stdout
 
 
+@pytest.mark.slow
 def test_the_final_evaluation_reports_control_accuracy_on_xla_replicas(train_args, tmp_path):
     result = run_train(train_args[:-2] + ["--max_steps", "2"], replicas=2)
     assert result.returncode == 0, result.stderr
@@ -169,6 +176,7 @@ def test_the_final_evaluation_reports_control_accuracy_on_xla_replicas(train_arg
     assert final["step"] == 2 and 0 <= final["control_accuracy"] <= 1
 
 
+@pytest.mark.slow
 def test_the_benchmark_prints_the_guidance_table_and_both_recipes(tiny_model, corpus, tmp_path):
     """benchmarks/polarity_control.py end to end at a tiny size (its figures mean nothing)."""
     result = run_train(["--pretrained_model_name", str(tiny_model),

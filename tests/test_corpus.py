@@ -2,13 +2,14 @@
 without a polarity word, and train.py on each kind of file."""
 from pathlib import Path
 
-import pytest
-
-import data
 import fixtures
+import pytest
 from conftest import read_metrics, run_train
-from data import InputError
+
+from corpus import features as corpus_features
+from corpus import read as corpus_read
 from model import load_tokenizer
+from runtime.errors import InputError
 from train import main as train_main
 
 
@@ -41,13 +42,13 @@ def tokenizer(tiny_model):
     "\ufeff재밌다\t1\r\n\"별로\" 였다\t0\r\n",   # no header, a BOM, CRLF line endings
 ], ids=["nsmc", "two-columns", "two-columns-no-header"])
 def test_labelled_layouts_read_the_same_reviews(tmp_path, text):
-    reviews = data.read_corpus(write(tmp_path / "corpus.tsv", text))
+    reviews = corpus_read.read_corpus(write(tmp_path / "corpus.tsv", text))
     assert reviews.texts == ["재밌다", '"별로" 였다']
     assert reviews.labels == [1, 0]
 
 
 def test_plain_text_is_read_without_labels(tmp_path):
-    reviews = data.read_corpus(write(tmp_path / "corpus.txt", '재밌다\n\n"별로" 였다\n  \n'))
+    reviews = corpus_read.read_corpus(write(tmp_path / "corpus.txt", '재밌다\n\n"별로" 였다\n  \n'))
     assert reviews.texts == ["재밌다", '"별로" 였다']
     assert reviews.labels is None
     assert reviews.blank == 2
@@ -70,7 +71,7 @@ def test_plain_text_is_read_without_labels(tmp_path):
 def test_malformed_files_name_the_file_and_line(tmp_path, text, message):
     path = write(tmp_path / "corpus.tsv", text)
     with pytest.raises(InputError) as error:
-        data.read_corpus(path)
+        corpus_read.read_corpus(path)
     assert str(error.value).startswith(str(path) + message)
 
 
@@ -78,15 +79,15 @@ def test_a_byte_that_is_not_utf8_names_its_line(tmp_path):
     path = tmp_path / "corpus.tsv"
     path.write_bytes("document\tlabel\n".encode() + b"\xff\t1\n")
     with pytest.raises(InputError, match=r"corpus.tsv:2: byte 0xff is not UTF-8"):
-        data.read_corpus(path)
+        corpus_read.read_corpus(path)
 
 
 # --------------------------------------------------------------------------- features
 
 def test_texts_without_labels_get_no_polarity_word(tmp_path, tokenizer):
     path = write(tmp_path / "corpus.txt", "영화 최고\n정말 별로 연기\n")
-    first = data.load_features(path, tokenizer, 32, tmp_path / "cache")
-    cached = data.load_features(path, tokenizer, 32, tmp_path / "cache")
+    first = corpus_features.load_features(path, tokenizer, 32, tmp_path / "cache")
+    cached = corpus_features.load_features(path, tokenizer, 32, tmp_path / "cache")
     for features in (first, cached):
         assert features.labels is None
         row = features.input_ids[0, :features.lengths[0]].tolist()
@@ -95,9 +96,9 @@ def test_texts_without_labels_get_no_polarity_word(tmp_path, tokenizer):
 
 def test_the_cache_key_follows_the_polarity_words(tmp_path, tokenizer, monkeypatch):
     path = write(tmp_path / "corpus.tsv", two_columns([("영화 최고", 1)]))
-    before = data.cache_path(tmp_path, path, tokenizer, 32)
-    monkeypatch.setitem(data.POLARITY, 1, "좋음")
-    assert data.cache_path(tmp_path, path, tokenizer, 32) != before
+    before = corpus_features.cache_path(tmp_path, path, tokenizer, 32)
+    monkeypatch.setitem(corpus_features.POLARITY, 1, "좋음")
+    assert corpus_features.cache_path(tmp_path, path, tokenizer, 32) != before
 
 
 # --------------------------------------------------------------------------- finding the files
@@ -105,18 +106,18 @@ def test_the_cache_key_follows_the_polarity_words(tmp_path, tokenizer, monkeypat
 def test_train_and_val_files_go_together(tmp_path):
     train = write(tmp_path / "train.txt", "좋다\n")
     with pytest.raises(InputError, match="--train_file and --val_file go together"):
-        data.corpus_files("~/Korpora", train_file=str(train))
+        corpus_read.corpus_files("~/Korpora", train_file=str(train))
     with pytest.raises(InputError, match=r"--val_file .*missing.txt: no such file"):
-        data.corpus_files("~/Korpora", train_file=str(train),
+        corpus_read.corpus_files("~/Korpora", train_file=str(train),
                           val_file=str(tmp_path / "missing.txt"))
-    both = data.corpus_files("~/Korpora", train_file=str(train), val_file=str(train))
+    both = corpus_read.corpus_files("~/Korpora", train_file=str(train), val_file=str(train))
     assert both == [train, train]
 
 
 def test_an_absolute_corpus_name_is_the_folder_itself(tmp_path):
     folder = fixtures.write_corpus(tmp_path / "elsewhere") / "nsmc"
-    files = data.corpus_files("~/Korpora", str(folder))
-    assert files == [folder / name for name in data.NSMC_FILES]
+    files = corpus_read.corpus_files("~/Korpora", str(folder))
+    assert files == [folder / name for name in corpus_read.NSMC_FILES]
 
 
 # --------------------------------------------------------------------------- training on them
@@ -127,6 +128,7 @@ def own_corpus_args(train_args, *corpus):
     return train_args[:i] + train_args[i + 2:] + ["--max_steps", "4", *corpus]
 
 
+@pytest.mark.slow
 def test_train_on_a_two_column_corpus_folder(train_args, tmp_path):
     folder = tmp_path / "mine"
     write(folder / "ratings_train.txt", two_columns(fixtures.make_reviews(64, seed=1)))
@@ -138,6 +140,7 @@ def test_train_on_a_two_column_corpus_folder(train_args, tmp_path):
     assert "polarity_accuracy" in read_metrics(tmp_path / "out", "eval")[-1]
 
 
+@pytest.mark.slow
 def test_train_on_plain_text_files_without_polarity(train_args, tmp_path):
     train = write(tmp_path / "train.txt", plain_text(fixtures.make_reviews(64, seed=1)))
     val = write(tmp_path / "val.txt", plain_text(fixtures.make_reviews(16, seed=2)))

@@ -1,9 +1,12 @@
 """Reading NSMC, turning reviews into features, the cache, and batches."""
+import fixtures
 import pytest
 import torch
 
 import data
-import fixtures
+import runtime.errors
+from corpus import features as corpus_features
+from corpus import read as corpus_read
 from model import load_tokenizer
 
 
@@ -18,7 +21,7 @@ def test_tokenizer_has_kogpt2_special_tokens_at_kogpt2_ids(tokenizer):
 
 
 def test_reader_keeps_quotes_and_skips_blank_reviews(corpus):
-    reviews = data.read_corpus(corpus / "nsmc" / "ratings_train.txt")
+    reviews = corpus_read.read_corpus(corpus / "nsmc" / "ratings_train.txt")
     assert reviews.blank == 1
     assert len(reviews.texts) == len(reviews.labels) == 258
     assert '"최고의 영화" 라고 "말하고" 싶다"' in reviews.texts  # csv quoting would mangle it
@@ -28,7 +31,7 @@ def test_reader_keeps_quotes_and_skips_blank_reviews(corpus):
 def test_reader_accepts_bom_and_crlf(tmp_path):
     path = tmp_path / "crlf.txt"
     path.write_bytes("\ufeffid\tdocument\tlabel\r\n1\t좋다\t1\r\n2\t싫다\t0\r\n".encode())
-    reviews = data.read_corpus(path)
+    reviews = corpus_read.read_corpus(path)
     assert (reviews.texts, reviews.labels) == (["좋다", "싫다"], [1, 0])
 
 
@@ -43,20 +46,20 @@ def test_reader_accepts_bom_and_crlf(tmp_path):
 def test_malformed_lines_are_named(tmp_path, content, message):
     path = tmp_path / "bad.txt"
     path.write_text(content, encoding="utf-8")
-    with pytest.raises(data.InputError, match=message):
-        data.read_corpus(path)
+    with pytest.raises(runtime.errors.InputError, match=message):
+        corpus_read.read_corpus(path)
 
 
 def test_bytes_that_are_not_utf8_are_named(tmp_path):
     path = tmp_path / "bad.txt"
     path.write_bytes(b"id\tdocument\tlabel\n1\tok\t1\n2\t\xff\xfe\t0\n")
-    with pytest.raises(data.InputError, match=r"bad.txt:3: byte 0xff is not UTF-8"):
-        data.read_corpus(path)
+    with pytest.raises(runtime.errors.InputError, match=r"bad.txt:3: byte 0xff is not UTF-8"):
+        corpus_read.read_corpus(path)
 
 
 def test_features_are_polarity_review_eos(tokenizer):
-    reviews = data.Reviews(["최고 영화", "최악 영화"], [1, 0])
-    features = data.encode(reviews, tokenizer, max_seq_length=16)
+    reviews = corpus_read.Reviews(["최고 영화", "최악 영화"], [1, 0])
+    features = corpus_features.encode(reviews, tokenizer, max_seq_length=16)
     for row, (text, word) in enumerate([("최고 영화", "긍정"), ("최악 영화", "부정")]):
         ids = features.input_ids[row, :features.lengths[row]].tolist()
         assert ids[-1] == tokenizer.eos_token_id
@@ -66,8 +69,8 @@ def test_features_are_polarity_review_eos(tokenizer):
 
 
 def test_truncation_cuts_the_review_and_keeps_eos(tokenizer):
-    reviews = data.Reviews([" ".join(["정말"] * 50)], [1])
-    features = data.encode(reviews, tokenizer, max_seq_length=8)
+    reviews = corpus_read.Reviews([" ".join(["정말"] * 50)], [1])
+    features = corpus_features.encode(reviews, tokenizer, max_seq_length=8)
     ids = features.input_ids[0].tolist()
     assert features.lengths.tolist() == [8] and features.truncated == 1
     assert ids[-1] == tokenizer.eos_token_id and ids.count(tokenizer.eos_token_id) == 1
@@ -77,20 +80,20 @@ def test_truncation_cuts_the_review_and_keeps_eos(tokenizer):
 def test_token_ids_are_those_the_tokenizer_gives_in_chunks_too(tokenizer):
     texts = [" ".join(["정말", "최고", "영화"][: 1 + i % 3] * (1 + i)) for i in range(7)]
     expected = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=5)["input_ids"]
-    assert data.token_ids(texts, tokenizer, max_length=5, chunk=3) == expected
+    assert corpus_features.token_ids(texts, tokenizer, max_length=5, chunk=3) == expected
     assert max(map(len, expected)) == 5 and min(map(len, expected)) < 5  # some were cut
     # The tokenizer is configured on a copy: its own calls are left untruncated.
     assert len(tokenizer(texts[-1], add_special_tokens=False)["input_ids"]) > 5
 
 
 def test_the_progress_bar_is_quiet_when_stderr_is_no_terminal(tokenizer, capsys):
-    data.encode(data.Reviews(["최고 영화"] * 3, [1, 0, 1]), tokenizer, 16, progress=True)
+    corpus_features.encode(corpus_read.Reviews(["최고 영화"] * 3, [1, 0, 1]), tokenizer, 16, progress=True)
     assert capsys.readouterr().err == ""
 
 
 def test_batches_mask_padding_in_labels_and_pass_no_token_type_ids(tokenizer):
-    reviews = data.Reviews(["최고", "정말 너무 재밌다 추천"], [1, 1])
-    features = data.encode(reviews, tokenizer, max_seq_length=16)
+    reviews = corpus_read.Reviews(["최고", "정말 너무 재밌다 추천"], [1, 1])
+    features = corpus_features.encode(reviews, tokenizer, max_seq_length=16)
     batch = data.ReviewBatches(features, tokenizer.pad_token_id, fixed_shape=False, batch_size=2)[[0, 1]]
     assert set(batch) == {"input_ids", "attention_mask", "labels", "target_positions"}
     width = int(features.lengths.max())
@@ -103,8 +106,8 @@ def test_batches_mask_padding_in_labels_and_pass_no_token_type_ids(tokenizer):
 
 
 def test_fixed_shape_batches_pad_rows_and_columns(tokenizer):
-    reviews = data.Reviews(["최고", "별로"], [1, 0])
-    features = data.encode(reviews, tokenizer, max_seq_length=16)
+    reviews = corpus_read.Reviews(["최고", "별로"], [1, 0])
+    features = corpus_features.encode(reviews, tokenizer, max_seq_length=16)
     batch = data.ReviewBatches(features, tokenizer.pad_token_id, fixed_shape=True, batch_size=4)[[1]]
     assert batch["input_ids"].shape == (4, 16)
     assert (batch["labels"][1:] == -100).all()                    # filler rows add no loss
@@ -122,8 +125,8 @@ def test_packing_fills_rows_without_overlap():
 
 
 def test_packed_batches_hold_each_review_once_from_position_0(tokenizer):
-    reviews = data.Reviews(["최고", "정말 너무 재밌다 추천", "별로", "그냥 그렇다"], [1, 1, 0, 0])
-    features = data.encode(reviews, tokenizer, max_seq_length=16)
+    reviews = corpus_read.Reviews(["최고", "정말 너무 재밌다 추천", "별로", "그냥 그렇다"], [1, 1, 0, 0])
+    features = corpus_features.encode(reviews, tokenizer, max_seq_length=16)
     for fixed_shape in (False, True):
         batch = data.ReviewBatches(features, tokenizer.pad_token_id, fixed_shape, 16,
                                    packed=True)[[0, 1, 2, 3]]
@@ -147,18 +150,18 @@ def test_packed_batches_hold_each_review_once_from_position_0(tokenizer):
 
 def test_cache_is_reused_and_keyed_by_content(tokenizer, corpus, tmp_path, monkeypatch):
     train_file = corpus / "nsmc" / "ratings_train.txt"
-    first = data.load_features(train_file, tokenizer, 32, tmp_path / "cache")
+    first = corpus_features.load_features(train_file, tokenizer, 32, tmp_path / "cache")
     assert len(list((tmp_path / "cache").iterdir())) == 1
 
     def no_reading(path):
         raise AssertionError("the cache should have been used")
-    monkeypatch.setattr(data, "read_corpus", no_reading)
-    second = data.load_features(train_file, tokenizer, 32, tmp_path / "cache")
+    monkeypatch.setattr(corpus_features, "read_corpus", no_reading)
+    second = corpus_features.load_features(train_file, tokenizer, 32, tmp_path / "cache")
     assert torch.equal(first.input_ids, second.input_ids) and second.blank == first.blank
 
     monkeypatch.undo()
     fixtures.write_nsmc(train_file, [("다른 내용", 1)])           # new content: a new key
-    third = data.load_features(train_file, tokenizer, 32, tmp_path / "cache")
+    third = corpus_features.load_features(train_file, tokenizer, 32, tmp_path / "cache")
     assert len(third) == 1 and len(list((tmp_path / "cache").iterdir())) == 2
 
 
@@ -201,7 +204,7 @@ def test_xla_replicas_agree_on_the_rows_of_packed_batches(lengths, window):
     # Each replica works the rows out alone, from every replica's batches of the step (all
     # its micro-batches), and a resumed run (skipping 3 micro-batches) cuts the same windows.
     world, width, skip = 4, 32, 3
-    features = data.Features(torch.zeros(400, width, dtype=torch.int32),
+    features = corpus_features.Features(torch.zeros(400, width, dtype=torch.int32),
                              (LENGTHS[:400] % width + 1).int(), None)
     dataset = data.ReviewBatches(features, 0, fixed_shape=True, batch_size=10, packed=True)
     plain, agreed = [], []
@@ -249,7 +252,7 @@ def test_eval_shards_cover_every_example_once():
 def test_a_cache_that_cannot_be_written_is_a_warning(tokenizer, corpus, tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    features = data.load_features(corpus / "nsmc" / "ratings_train.txt", tokenizer, 32,
+    features = corpus_features.load_features(corpus / "nsmc" / "ratings_train.txt", tokenizer, 32,
                                   blocker / "cache")
     assert len(features) == 258
     assert "warning: could not cache" in capsys.readouterr().err
@@ -266,7 +269,7 @@ def test_a_tokenizer_without_pad_pads_with_its_end_token(tmp_path):
     GPT2Config(vocab_size=60).save_pretrained(tmp_path)
     tokenizer = load_tokenizer(str(tmp_path))
     assert tokenizer.pad_token == tokenizer.eos_token == "<|endoftext|>"
-    features = data.encode(data.Reviews(["좋은 영화"], [1]), tokenizer, 8)
+    features = corpus_features.encode(corpus_read.Reviews(["좋은 영화"], [1]), tokenizer, 8)
     batch = data.ReviewBatches(features, tokenizer.pad_token_id, True, 1)[[0]]
     assert (batch["labels"] != -100).sum() == features.lengths[0]   # padding masked by length
 
@@ -278,13 +281,13 @@ def test_only_missing_corpus_files_are_downloaded(tmp_path, monkeypatch):
     before = (folder / "ratings_train.txt").read_bytes()
 
     def fake_fetch(name, root_dir):  # what Korpora does: both files under root_dir/nsmc/
-        for f in data.NSMC_FILES:
+        for f in corpus_read.NSMC_FILES:
             fixtures.write_nsmc(tmp_path / root_dir / "nsmc" / f, [("내려받은 파일", 0)])
     monkeypatch.setattr(Korpora, "fetch", fake_fetch)
-    train_file, test_file = data.corpus_files(tmp_path, "nsmc")
+    train_file, test_file = corpus_read.corpus_files(tmp_path, "nsmc")
     assert train_file.read_bytes() == before                        # left as it was
-    assert data.read_corpus(test_file).texts == ["내려받은 파일"]
-    assert sorted(p.name for p in folder.iterdir()) == sorted(data.NSMC_FILES)  # no scratch left
+    assert corpus_read.read_corpus(test_file).texts == ["내려받은 파일"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(corpus_read.NSMC_FILES)  # no scratch left
 
     monkeypatch.setattr(Korpora, "fetch", lambda *a, **k: pytest.fail("files were there"))
-    assert data.corpus_files(tmp_path, "nsmc") == [train_file, test_file]
+    assert corpus_read.corpus_files(tmp_path, "nsmc") == [train_file, test_file]

@@ -4,9 +4,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import run_train
 
 import train
-from conftest import run_train
 
 
 def error_line(capsys):
@@ -17,6 +17,7 @@ def error_line(capsys):
     return errors[0]
 
 
+@pytest.mark.slow
 def test_missing_corpus_with_no_network(train_args, tmp_path):
     empty = tmp_path / "empty"
     args = train_args + ["--downstream_corpus_root_dir", str(empty)]
@@ -48,6 +49,7 @@ def test_malformed_corpus_file(train_args, corpus, capsys, content, expected):
     assert str(corpus / "nsmc") in line and expected in line
 
 
+@pytest.mark.slow
 def test_crlf_and_bom_simply_work(train_args, corpus, tmp_path, capsys):
     for name in ("ratings_train.txt", "ratings_test.txt"):
         path = corpus / "nsmc" / name
@@ -70,6 +72,7 @@ def test_bad_flags(train_args, capsys, flags, expected):
     assert expected in error_line(capsys)
 
 
+@pytest.mark.slow
 def test_model_that_cannot_be_downloaded(train_args):
     result = run_train(train_args + ["--pretrained_model_name", "no-such-org/no-such-model"])
     assert result.returncode == 1 and "Traceback" not in result.stderr
@@ -120,6 +123,7 @@ def hold_lock(directory):
     return holder
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_directory_refuses_to_start(train_args, tmp_path, capsys):
     out = tmp_path / "out"
     holder = hold_lock(out)

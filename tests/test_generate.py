@@ -3,17 +3,21 @@ read as a classifier), and both at each evaluation of train.py."""
 import re
 from types import SimpleNamespace
 
+import fixtures
 import pytest
 import torch
+from conftest import read_metrics, run_train
 
 import data
-import fixtures
 import generate
-import polarity
-from conftest import read_metrics, run_train
+import task
+import task.generation
+import task.polarity
+from corpus import features as corpus_features
+from corpus import read as corpus_read
 from model import load_model, load_tokenizer
 
-SETTINGS = {**polarity.SAMPLING, "max_new_tokens": 12}
+SETTINGS = {**task.SAMPLING, "max_new_tokens": 12}
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +42,7 @@ def untrained(tiny_model):
 
 
 def review_features(tokenizer, texts, label):
-    return data.encode(data.Reviews(texts, None if label is None else [label] * len(texts)),
+    return corpus_features.encode(corpus_read.Reviews(texts, None if label is None else [label] * len(texts)),
                        tokenizer, max_seq_length=32)
 
 
@@ -47,23 +51,23 @@ def review_features(tokenizer, texts, label):
 def test_a_review_starts_as_in_training(untrained):
     _, tokenizer = untrained
     row = review_features(tokenizer, ["영화 최고 감동"], 1).input_ids[0].tolist()
-    word = polarity.prompt_ids(tokenizer, "긍정")[0].tolist()
-    review = polarity.prompt_ids(tokenizer, "", "영화 최고 감동")[0].tolist()
+    word = task.generation.prompt_ids(tokenizer, "긍정")[0].tolist()
+    review = task.generation.prompt_ids(tokenizer, "", "영화 최고 감동")[0].tolist()
     # Training's row is the polarity word alone, then the review, then </s>: no token for
     # the space between them, and no special token in front.
     assert row[:len(word) + len(review) + 1] == word + review + [tokenizer.eos_token_id]
-    with_prompt = polarity.prompt_ids(tokenizer, "긍정", "영화 최고")[0].tolist()
+    with_prompt = task.generation.prompt_ids(tokenizer, "긍정", "영화 최고")[0].tolist()
     assert row[:len(with_prompt)] == with_prompt
 
 
 def test_the_same_seed_writes_the_same_reviews_and_leaves_the_rng_alone(untrained):
     model, tokenizer = untrained
     state = torch.get_rng_state()
-    first = polarity.write_reviews(model, tokenizer, "긍정", SETTINGS, num_samples=3, seed=1)
+    first = task.generation.write_reviews(model, tokenizer, "긍정", SETTINGS, num_samples=3, seed=1)
     assert torch.equal(torch.get_rng_state(), state)
     assert len(first) == 3
     for seed, same in [(1, True), (2, False)]:
-        again = polarity.write_reviews(model, tokenizer, "긍정", SETTINGS, num_samples=3, seed=seed)
+        again = task.generation.write_reviews(model, tokenizer, "긍정", SETTINGS, num_samples=3, seed=seed)
         assert (again == first) == same
 
 
@@ -73,8 +77,8 @@ def test_stripping_the_polarity_word_leaves_the_bare_review(untrained):
     _, tokenizer = untrained
     texts = ["영화 최고 감동", "정말 별로", "이 배우 연기 너무 좋았다"]
     bare = review_features(tokenizer, texts, None)
-    for label in data.POLARITY:
-        stripped = polarity.strip_polarity(review_features(tokenizer, texts, label), tokenizer)
+    for label in corpus_features.POLARITY:
+        stripped = task.polarity.strip_polarity(review_features(tokenizer, texts, label), tokenizer)
         assert torch.equal(stripped.input_ids, bare.input_ids)
         assert torch.equal(stripped.lengths, bare.lengths)
 
@@ -84,11 +88,11 @@ def test_review_log_prob_scores_the_review_and_not_the_prefix(untrained, fixed_s
     model, tokenizer = untrained
     texts = ["영화 최고 감동", "정말 별로", "이 배우 연기 너무 좋았다"]
     features = review_features(tokenizer, texts, 1)
-    dataset = polarity.PolarityBatches(features, tokenizer, None, fixed_shape, batch_size=4)
+    dataset = task.polarity.PolarityBatches(features, tokenizer, None, fixed_shape, batch_size=4)
     batch = dataset[[0, 1, 2]]
-    prefix = polarity.prompt_ids(tokenizer, "부정")
+    prefix = task.generation.prompt_ids(tokenizer, "부정")
     with torch.no_grad():
-        batched = polarity.review_log_prob(model, prefix, batch)
+        batched = task.polarity.review_log_prob(model, prefix, batch)
         for row, text in enumerate(texts):
             # One review alone, no padding: the sum of log p(token | everything before it)
             # over the review's tokens and </s>.
@@ -104,12 +108,12 @@ def test_review_log_prob_scores_the_review_and_not_the_prefix(untrained, fixed_s
 
 def test_fixed_shapes_count_every_review_once(untrained):
     model, tokenizer = untrained
-    features = data.encode(data.Reviews(*zip(*fixtures.make_reviews(12))), tokenizer, 32)
+    features = corpus_features.encode(corpus_read.Reviews(*zip(*fixtures.make_reviews(12))), tokenizer, 32)
     counts = []
     for fixed_shape in (False, True):
-        dataset = polarity.PolarityBatches(features, tokenizer, 11, fixed_shape, batch_size=4)
+        dataset = task.polarity.PolarityBatches(features, tokenizer, 11, fixed_shape, batch_size=4)
         batches = [dataset[indices] for indices in data.eval_batches(len(dataset), 4, 1, 0)]
-        counts.append([int(n) for n in polarity.polarity_counts(model, tokenizer, batches)])
+        counts.append([int(n) for n in task.polarity.polarity_counts(model, tokenizer, batches)])
     assert counts[0] == counts[1]
     assert counts[0][1] == 11
 
@@ -120,6 +124,7 @@ def accuracy_printed(capsys, argv):
     return float(re.fullmatch(r"polarity accuracy: ([\d.]+) on 64 reviews of .*\n", out).group(1))
 
 
+@pytest.mark.slow
 def test_a_trained_model_tells_the_polarities_apart(trained, capsys):
     argv = ["--evaluate", "--downstream_corpus_root_dir", str(trained.root),
             "--cache_dir", str(trained.out / "cache")]
@@ -135,6 +140,7 @@ def test_an_untrained_model_scores_about_half(tiny_model, corpus, tmp_path, caps
 
 # --------------------------------------------------------------------------- generate.py
 
+@pytest.mark.slow
 def test_generate_prints_reviews_of_each_polarity(trained, capsys):
     argv = ["--downstream_model_dir", str(trained.out), "--num_samples", "3"]
     assert generate.main(argv + ["--show_polarity"]) == 0
@@ -180,6 +186,7 @@ def test_each_evaluation_reports_polarity_accuracy_and_samples(trained):
     assert f"  부정: {evaluations[-1]['samples']['부정']}\n" in trained.stdout
 
 
+@pytest.mark.slow
 def test_evaluating_does_not_change_training(train_args, tmp_path):
     """Samples and polarity accuracy draw nothing from the training RNG: the losses of a
     run that evaluates after every step are those of one that does not, bit for bit."""

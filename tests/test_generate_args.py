@@ -9,10 +9,10 @@ import warnings
 
 import pytest
 import torch
+from conftest import ROOT
 
 import generate
-import polarity
-from conftest import ROOT
+import task.generation
 from model import load_model, load_tokenizer
 
 
@@ -45,12 +45,12 @@ def test_temperature_0_is_greedy_decoding(tiny_model, model_args, capsys, caplog
     settings = dict(max_new_tokens=8, repetition_penalty=1.2, no_repeat_ngram_size=3)
     expected = []
     for word in ["긍정", "부정"]:
-        input_ids = polarity.prompt_ids(tokenizer, word, "영화")
+        input_ids = task.generation.prompt_ids(tokenizer, word, "영화")
         with torch.no_grad():
             output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                     do_sample=False, eos_token_id=tokenizer.eos_token_id,
                                     pad_token_id=tokenizer.pad_token_id, **settings)
-        skip = polarity.prompt_ids(tokenizer, word).shape[1]
+        skip = task.generation.prompt_ids(tokenizer, word).shape[1]
         expected.append(tokenizer.decode(output[0, skip:], skip_special_tokens=True).strip())
 
     argv = model_args + ["--temperature", "0", "--prompt", "영화", "--max_new_tokens", "8",
@@ -113,6 +113,7 @@ def test_the_edges_of_each_range_are_allowed(model_args, capsys):
         assert status == 0 and out.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_a_real_run_prints_the_one_line_and_exits_with_1(tiny_model):
     """As a process: exit status 1 and the error as the last line of stderr, no traceback."""
     result = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--downstream_model_dir",
@@ -132,7 +133,7 @@ POSITIONS = 128  # the tiny model's n_positions
 def prompt_length(tiny_model, words, prompt=""):
     """Tokens given to the model before the review: the longest polarity word and prompt."""
     tokenizer = load_tokenizer(str(tiny_model))
-    return max(polarity.prompt_ids(tokenizer, word, prompt).shape[1] for word in words)
+    return max(task.generation.prompt_ids(tokenizer, word, prompt).shape[1] for word in words)
 
 
 @pytest.mark.parametrize("flags, words, prompt, n, expected", [
@@ -146,6 +147,7 @@ def prompt_length(tiny_model, words, prompt=""):
      "error: --max_new_tokens 127 does not fit the model's 128 positions after the 2 tokens of "
      "--prompt; use --max_new_tokens 126 or less"),
 ])
+@pytest.mark.slow
 def test_max_new_tokens_past_the_positions_is_one_line(tiny_model, model_args, capsys, flags,
                                                        words, prompt, n, expected):
     assert prompt_length(tiny_model, words, prompt) == n  # as the fixture's tokenizer splits

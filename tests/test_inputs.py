@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import data
-import train
 from conftest import run_train
-from data import InputError
+
+import train
+from corpus import features as corpus_features
+from corpus import read as corpus_read
 from model import check_loadable, load_model, load_tokenizer
+from runtime.errors import InputError
 
 
 def write(path, text):
@@ -37,14 +38,14 @@ def test_only_newline_ends_a_line(tmp_path, char):
     text = (f"\ufeffid\tdocument\tlabel\r\n1\t좋다{char}정말\t1\r\n"
             f"2\t싫다\t0\n3\t별로{char}\t0")
     path = write(tmp_path / "corpus.tsv", text)
-    reviews = data.read_corpus(path)
+    reviews = corpus_read.read_corpus(path)
     assert reviews.texts == [f"좋다{char}정말", "싫다", f"별로{char}"]
     assert reviews.labels == [1, 0, 0]
 
 
 @pytest.mark.parametrize("char", NOT_LINE_BREAKS.values(), ids=NOT_LINE_BREAKS.keys())
 def test_plain_text_keeps_them_in_the_text(tmp_path, char):
-    reviews = data.read_corpus(write(tmp_path / "corpus.txt", f"좋다{char}정말\n별로\n"))
+    reviews = corpus_read.read_corpus(write(tmp_path / "corpus.txt", f"좋다{char}정말\n별로\n"))
     assert reviews.texts == [f"좋다{char}정말", "별로"]
 
 
@@ -52,11 +53,11 @@ def test_error_line_numbers_count_newlines_only(tmp_path):
     text = "id\tdocument\tlabel\n1\t좋다\u2028정말\t1\n2\t싫다\x85별로\t0\n3\t별로\n"
     path = write(tmp_path / "corpus.tsv", text)
     with pytest.raises(InputError, match=r"corpus.tsv:4: expected 3 tab-separated fields"):
-        data.read_corpus(path)
+        corpus_read.read_corpus(path)
     # The UTF-8 check counts lines in bytes: it must agree.
     path.write_bytes(text.encode() + b"4\t\xff\t1\n")
     with pytest.raises(InputError, match=r"corpus.tsv:5: byte 0xff is not UTF-8"):
-        data.read_corpus(path)
+        corpus_read.read_corpus(path)
 
 
 # --------------------------------------------------------------------------- not files
@@ -82,7 +83,7 @@ def test_a_corpus_flag_naming_something_else_than_a_file(tmp_path, make, flag):
     problem = make(odd)
     given = {"--train_file": good, "--val_file": good, flag: odd}
     with pytest.raises(InputError) as error:
-        data.corpus_files("~/Korpora", train_file=str(given["--train_file"]),
+        corpus_read.corpus_files("~/Korpora", train_file=str(given["--train_file"]),
                           val_file=str(given["--val_file"]))
     assert str(error.value).startswith(f"{flag} {odd}: {problem}")
 
@@ -92,9 +93,9 @@ def test_an_nsmc_file_that_is_not_a_file_is_not_downloaded(corpus, make, monkeyp
     path = corpus / "nsmc" / "ratings_train.txt"
     path.unlink()
     problem = make(path)
-    monkeypatch.setattr(data, "download_nsmc", lambda *a: pytest.fail("tried to download"))
+    monkeypatch.setattr(corpus_read, "download_nsmc", lambda *a: pytest.fail("tried to download"))
     with pytest.raises(InputError) as error:
-        data.corpus_files(corpus)
+        corpus_read.corpus_files(corpus)
     assert str(error.value).startswith(f"{path} {problem}; ")
 
 
@@ -103,7 +104,7 @@ def test_an_nsmc_file_that_is_a_directory_stops_train_py(train_args, corpus, cap
     path = corpus / "nsmc" / "ratings_test.txt"
     path.unlink()
     path.mkdir()
-    monkeypatch.setattr(data, "download_nsmc", lambda *a: pytest.fail("tried to download"))
+    monkeypatch.setattr(corpus_read, "download_nsmc", lambda *a: pytest.fail("tried to download"))
     assert train.main(train_args) == 1
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"error: {path} is a directory, not a file; put NSMC's ratings_test.txt in its place, "
@@ -121,8 +122,8 @@ def tokenizer(tiny_model):
 def cached(tmp_path, tokenizer):
     """A corpus file, its cache file and the features in it."""
     corpus_file = write(tmp_path / "corpus.tsv", "좋다\t1\n정말 별로\t0\n최고 영화\t1\n")
-    features = data.load_features(corpus_file, tokenizer, 16, tmp_path / "cache")
-    return corpus_file, data.cache_path(tmp_path / "cache", corpus_file, tokenizer, 16), features
+    features = corpus_features.load_features(corpus_file, tokenizer, 16, tmp_path / "cache")
+    return corpus_file, corpus_features.cache_path(tmp_path / "cache", corpus_file, tokenizer, 16), features
 
 
 def same_features(a, b):
@@ -189,15 +190,15 @@ def test_a_damaged_cache_is_tokenized_again(cached, tokenizer, damage, capsys):
     corpus_file, cache_file, features = cached
     damage(cache_file, features)
     capsys.readouterr()
-    again = data.load_features(corpus_file, tokenizer, 16, cache_file.parent)
+    again = corpus_features.load_features(corpus_file, tokenizer, 16, cache_file.parent)
     assert same_features(again, features)
     warning = capsys.readouterr().err
     assert warning.startswith(f"warning: ignoring the cache file {cache_file} (")
     assert warning.endswith(f"); tokenizing {corpus_file} again\n")
     assert warning.count("\n") == 1
     # The cache is whole again: the next run reads it, with no warning.
-    assert same_features(data.Features(**torch.load(cache_file, weights_only=True)), features)
-    data.load_features(corpus_file, tokenizer, 16, cache_file.parent)
+    assert same_features(corpus_features.Features(**torch.load(cache_file, weights_only=True)), features)
+    corpus_features.load_features(corpus_file, tokenizer, 16, cache_file.parent)
     assert capsys.readouterr().err == ""
 
 
@@ -210,7 +211,7 @@ def test_a_full_disk_is_a_warning_and_leaves_no_file_behind(tmp_path, tokenizer,
         raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter "
                            "failed writing file data/0: file write failed")
     monkeypatch.setattr(torch, "save", full_disk)
-    features = data.load_features(corpus_file, tokenizer, 16, tmp_path / "cache")
+    features = corpus_features.load_features(corpus_file, tokenizer, 16, tmp_path / "cache")
     assert len(features) == 2
     assert capsys.readouterr().err == (
         f"warning: could not cache {corpus_file} in {tmp_path / 'cache'} ([enforce fail at "
@@ -237,6 +238,7 @@ def last_error_line(result):
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
+@pytest.mark.slow
 def test_a_model_directory_without_tokenizer_files(train_args, tiny_model, tmp_path):
     directory = model_copy(tiny_model, tmp_path, without=TOKENIZER_FILES)
     result = run_train(train_args + ["--pretrained_model_name", str(directory)])
@@ -274,6 +276,7 @@ def test_a_truncated_model_safetensors_is_named(tiny_model, tmp_path, truncate):
                                      "it again")
 
 
+@pytest.mark.slow
 def test_train_py_on_a_truncated_model_safetensors(train_args, tiny_model, tmp_path):
     directory = model_copy(tiny_model, tmp_path)
     weights = directory / "model.safetensors"
@@ -285,6 +288,7 @@ def test_train_py_on_a_truncated_model_safetensors(train_args, tiny_model, tmp_p
         f"download the model again or save it again")
 
 
+@pytest.mark.slow
 def test_a_damaged_download_in_the_hub_cache_is_named(train_args, tiny_model, tmp_path):
     # The hub cache's layout: models--ORG--NAME/refs/main names the snapshot that holds the files.
     repo, commit = tmp_path / "hub" / "models--some-org--kogpt2", "0" * 40
@@ -318,6 +322,7 @@ CAUSAL_LM_HINT = ("use a causal language model: KoGPT2 or another of the GPT-2 f
                   "attention_mask")
 
 
+@pytest.mark.slow
 def test_an_encoder_is_refused(train_args, tiny_model, tmp_path):
     # BertLMHeadModel is among AutoModelForCausalLM's classes, so it loads; but as an encoder
     # it sees the next token it is asked to predict. Trained 800 steps on the fixtures, its

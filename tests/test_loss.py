@@ -1,5 +1,5 @@
 """The loss builds logits only where there is a target (train.token_loss_sum) or a review
-token to score (polarity.review_log_prob), and gets the very numbers, gradients included,
+token to score (task.polarity.review_log_prob), and gets the very numbers, gradients included,
 that logits at every position gave."""
 import copy
 
@@ -8,8 +8,11 @@ import torch
 import torch.nn.functional as F
 
 import data
-import polarity
+import task.generation
+import task.polarity
 import train
+from corpus import features as corpus_features
+from corpus import read as corpus_read
 from model import load_model, load_tokenizer, packs_reviews, splits_off_output_layer
 
 
@@ -21,7 +24,7 @@ def tokenizer(tiny_model):
 @pytest.fixture(scope="module")
 def features(tokenizer):
     texts = [" ".join(["정말", "최고", "영화", "별로"][: 1 + i % 4] * (1 + i % 5)) for i in range(12)]
-    return data.encode(data.Reviews(texts, [i % 2 for i in range(12)]), tokenizer, 16)
+    return corpus_features.encode(corpus_read.Reviews(texts, [i % 2 for i in range(12)]), tokenizer, 16)
 
 
 def full_logits_loss_sum(model, batch):
@@ -99,12 +102,12 @@ def test_a_model_that_cannot_pack_is_found_out(tiny_model, tokenizer):
 def test_review_scores_are_the_same_with_and_without_fixed_shapes(tiny_model, tokenizer,
                                                                  features):
     model = load_model(str(tiny_model), tokenizer).eval()
-    prefix = polarity.prompt_ids(tokenizer, "긍정")
+    prefix = task.generation.prompt_ids(tokenizer, "긍정")
     scores = []
     for fixed in (False, True):
-        dataset = polarity.PolarityBatches(features, tokenizer, None, fixed, 12)
+        dataset = task.polarity.PolarityBatches(features, tokenizer, None, fixed, 12)
         with torch.no_grad():
-            scores.append(polarity.review_log_prob(model, prefix, dataset[list(range(12))]))
+            scores.append(task.polarity.review_log_prob(model, prefix, dataset[list(range(12))]))
     torch.testing.assert_close(scores[0], scores[1], rtol=1e-5, atol=1e-5)
 
 
@@ -112,7 +115,8 @@ def test_a_model_whose_head_is_more_than_its_output_layer_uses_its_own_logits(ti
                                                                               tokenizer,
                                                                               features):
     # A model that transforms the hidden states before its output layer (BERT as a decoder
-    # does): logits_at falls back to the model's own logits, so the loss stays right.
+    # does) is found out, and train.py then asks for batches without target positions: the
+    # loss takes the model's own logits, so it stays right.
     model = load_model(str(tiny_model), tokenizer).eval()
     reference = copy.deepcopy(model)
     output_layer = model.lm_head
@@ -120,7 +124,9 @@ def test_a_model_whose_head_is_more_than_its_output_layer_uses_its_own_logits(ti
     model.get_output_embeddings = lambda: output_layer
     del model.output_layer_splits_off
     assert not splits_off_output_layer(model)
-    batch = data.ReviewBatches(features, tokenizer.pad_token_id, False, 12)[list(range(12))]
+    batch = data.ReviewBatches(features, tokenizer.pad_token_id, False, 12,
+                               at_targets=splits_off_output_layer(model))[list(range(12))]
+    assert "target_positions" not in batch
     with torch.no_grad():
         torch.testing.assert_close(train.token_loss_sum(model, batch),
                                    full_logits_loss_sum(model, batch), rtol=1e-5, atol=1e-5)

@@ -6,18 +6,18 @@ import json
 import math
 import os
 import shutil
-
 import signal
 
 import pytest
 import torch
+from conftest import read_metrics, run_train
 from safetensors import SafetensorError
 from transformers import GPT2LMHeadModel
 
-import backend
-import checkpoint
+import runtime.backends
+import runtime.checkpoint
+import runtime.rundir
 import train
-from conftest import read_metrics, run_train
 from model import load_model, load_tokenizer
 
 SAVED = ["--max_steps", "6", "--save_every_steps", "2", "--keep_checkpoints", "3"]
@@ -83,7 +83,7 @@ def test_a_fresh_run_over_an_earlier_run_is_refused_unless_asked_to_replace_it(r
         f"error: --downstream_model_dir {out} holds an earlier run (checkpoint-6); continue "
         f"it with --resume latest, pass --overwrite_output_dir to replace it, or choose "
         f"another directory")
-    assert checkpoint.latest_checkpoint(out).name == "checkpoint-6"   # nothing touched
+    assert runtime.rundir.latest_checkpoint(out).name == "checkpoint-6"   # nothing touched
 
     new = args + ["--max_steps", "4", "--save_every_steps", "2", "--overwrite_output_dir"]
     assert train.main(new) == 0
@@ -122,7 +122,7 @@ def test_resume_latest_falls_back_to_the_newest_checkpoint_that_loads(run, capsy
     captured = capsys.readouterr()
     assert f"warning: skipping {out / 'checkpoint-6'}: {name} does not load" in captured.err
     assert "(step 4, epoch 1)" in captured.out
-    assert checkpoint.is_complete(out / "checkpoint-6")          # written again, whole
+    assert runtime.rundir.is_complete(out / "checkpoint-6")          # written again, whole
 
 
 # --------------------------------------------------------------------------- full disks
@@ -158,7 +158,7 @@ def test_a_full_disk_while_exporting_the_best_model_keeps_the_previous_one(
         (directory / "model.safetensors").write_bytes(b"half a file")
         raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: "
                               "StorageFull, message: \"No space left on device\" })")
-    monkeypatch.setattr(checkpoint, "save_pretrained", full_disk)
+    monkeypatch.setattr(runtime.checkpoint, "save_pretrained", full_disk)
     assert train.main(args + ["--resume", "latest"]) == 1
     line = error_line(capsys)
     assert line.startswith(f"error: could not write {out / 'the best model'} (Error while "
@@ -170,11 +170,11 @@ def test_a_full_disk_while_exporting_the_best_model_keeps_the_previous_one(
 def test_a_full_disk_while_trimming_metrics_on_resume_is_one_line(run, capsys, monkeypatch):
     out, args = run
     before = (out / "metrics.jsonl").read_text()
-    import data
+    import runtime.reporting
 
     def full_disk(path, write):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr(data, "write_atomically", full_disk)
+    monkeypatch.setattr(runtime.reporting, "write_atomically", full_disk)
     assert train.main(args + ["--resume", str(out / "checkpoint-4")]) == 1
     line = error_line(capsys)
     assert line.startswith(f"error: could not write {out / 'metrics.jsonl'} (")
@@ -189,14 +189,14 @@ def test_the_best_model_loads_after_a_kill_at_any_moment_of_its_export(
         tiny_model, tmp_path, monkeypatch, first_export):
     tokenizer = load_tokenizer(str(tiny_model))
     model = load_model(str(tiny_model), tokenizer)
-    cpu = backend.Backend("cpu", "fp32")
+    cpu = runtime.backends.Backend("cpu", "fp32")
     files = None
     for renames_done in range(12):
         out = tmp_path / f"out{renames_done}"
         out.mkdir()
         step_1 = model.transformer.wte.weight.detach().clone()
         if not first_export:
-            checkpoint.export_best(out, cpu, model, tokenizer, step=1)
+            runtime.checkpoint.export_best(out, cpu, model, tokenizer, step=1)
             with torch.no_grad():
                 model.transformer.wte.weight += 1              # the next export differs
         real_replace, calls = os.replace, []
@@ -208,7 +208,7 @@ def test_the_best_model_loads_after_a_kill_at_any_moment_of_its_export(
             return real_replace(src, dst)
         monkeypatch.setattr(os, "replace", dying_replace)
         try:
-            checkpoint.export_best(out, cpu, model, tokenizer, step=2)
+            runtime.checkpoint.export_best(out, cpu, model, tokenizer, step=2)
             files = files or len(calls)
         except KeyboardInterrupt:
             pass
@@ -305,6 +305,7 @@ def faulty_run(fault, number, args):
     return run_train([fault, str(number), "--", *args], script="tests/interrupt.py")
 
 
+@pytest.mark.slow
 def test_a_signal_during_an_evaluation_saves_the_step_and_the_resume_evaluates_it(
         train_args, tmp_path):
     """SIGTERM as the evaluation of step 2 starts (the second evaluation): it stops within
@@ -323,6 +324,7 @@ def test_a_signal_during_an_evaluation_saves_the_step_and_the_resume_evaluates_i
     assert (out / "model.safetensors").is_file()                     # exported as the best
 
 
+@pytest.mark.slow
 def test_a_signal_during_the_first_evaluation_stops_with_nothing_to_save(train_args,
                                                                         tmp_path):
     stopped = faulty_run("sigterm-in-eval", 1, train_args)
@@ -332,6 +334,7 @@ def test_a_signal_during_the_first_evaluation_stops_with_nothing_to_save(train_a
     assert not list((tmp_path / "out").glob("checkpoint-*"))
 
 
+@pytest.mark.slow
 def test_a_second_signal_stops_at_once_and_says_nothing_more_was_saved(train_args, tmp_path):
     stopped = faulty_run("two-signals-in-eval", 2, train_args + ["--eval_every", "2"])
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
@@ -341,6 +344,7 @@ def test_a_second_signal_stops_at_once_and_says_nothing_more_was_saved(train_arg
     assert not list((tmp_path / "out").glob("checkpoint-*"))
 
 
+@pytest.mark.slow
 def test_a_full_disk_at_the_best_model_export_is_one_line_and_leaves_no_temporary_folder(
         train_args, tmp_path):
     out = tmp_path / "out"
@@ -352,6 +356,7 @@ def test_a_full_disk_at_the_best_model_export_is_one_line_and_leaves_no_temporar
     assert not (out / ".best.tmp").exists() and not (out / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_a_mistyped_resume_path_is_one_line_before_any_replica_starts(train_args, tmp_path):
     result = run_train(train_args + ["--resume", str(tmp_path / "no-such-checkpoint"),
                                      "--device", "xla"], env={"PJRT_DEVICE": "CPU"})
@@ -369,11 +374,13 @@ def test_resuming_from_an_earlier_checkpoint_abandons_the_later_ones(run, capsys
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-6"]   # the new one
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_start_up_is_one_line(train_args):
     """A second after start, train.py is still importing torch and transformers."""
     import subprocess
     import sys
     import time
+
     from conftest import ROOT
     process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *train_args],
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -1,21 +1,23 @@
 """bf16 where the hardware multiplies it fast: the CPU's default follows AMX, and a bf16
 run on the CPU learns while its weights, optimizer and checkpoints stay fp32."""
+import pytest
 import torch
+from conftest import read_metrics, run_train
 from safetensors.torch import load_file
 
-import backend
-from conftest import read_metrics, run_train
+import runtime.backends
 
 
 def test_the_cpu_default_is_bf16_with_amx_and_fp32_without(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    assert backend.Backend("cpu", None).precision == "bf16"
-    assert backend.Backend("cpu", "fp32").precision == "fp32"  # --precision decides
+    assert runtime.backends.Backend("cpu", None).precision == "bf16"
+    assert runtime.backends.Backend("cpu", "fp32").precision == "fp32"  # --precision decides
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    assert backend.Backend("cpu", None).precision == "fp32"
-    assert backend.Backend("cpu", "bf16").precision == "bf16"
+    assert runtime.backends.Backend("cpu", None).precision == "fp32"
+    assert runtime.backends.Backend("cpu", "bf16").precision == "bf16"
 
 
+@pytest.mark.slow
 def test_bf16_on_the_cpu_learns_and_keeps_fp32_weights(train_args, tmp_path):
     result = run_train(train_args + ["--precision", "bf16", "--max_steps", "6"])
     assert result.returncode == 0, result.stderr

@@ -12,13 +12,15 @@ import time
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
-
-import backend
-import checkpoint
 import xla_cpu_replicas
 from conftest import ROOT, read_metrics, run_train
-from data import InputError
+from safetensors.torch import load_file
+
+import runtime.backends
+import runtime.rundir
+from runtime.errors import InputError
+
+pytestmark = pytest.mark.slow  # every test here runs train.py or generate.py as a process
 
 GLOBAL_BATCH = 32  # N replicas x --batch_size 32/N; 258 reviews give 8 steps an epoch
 
@@ -152,7 +154,7 @@ def test_sigterm_to_the_launcher_saves_every_replica_once_and_resume_continues_e
     stopped = int(stderr.split("stopped by SIGTERM at step ")[1].split(":")[0])
     assert stopped < 16 and stopped % 2 == 0       # replicas agree at report steps
     saved = out / f"checkpoint-{stopped}"
-    assert checkpoint.is_complete(saved) and "--resume latest" in stderr
+    assert runtime.rundir.is_complete(saved) and "--resume latest" in stderr
     assert sorted(p.name for p in saved.glob("rng_state_*.pt")) == [
         f"rng_state_{rank}.pt" for rank in range(4)]
 
@@ -186,7 +188,7 @@ def test_kill_9_then_resume_ends_with_the_weights_of_an_uninterrupted_xla_run(
     killed = run_train(["sigkill", "6", "--", *args], replicas=replicas,
                        script="tests/interrupt.py")
     assert killed.returncode != 0
-    assert checkpoint.latest_checkpoint(out).name == "checkpoint-4"
+    assert runtime.rundir.latest_checkpoint(out).name == "checkpoint-4"
 
     resumed = run_train(args + ["--resume", "latest"], replicas=replicas)
     assert resumed.returncode == 0, resumed.stderr
@@ -230,7 +232,7 @@ def test_max_seq_length_beyond_the_models_positions_is_one_line(train_args, devi
         f"--pretrained_model_name {train_args[1]}; use at most 128")
 
 
-class ThreadReplica(backend.Backend):
+class ThreadReplica(runtime.backends.Backend):
     """One of two replicas that are threads, each with its own view of the file system."""
 
     def __init__(self, rank, shared):
@@ -259,7 +261,7 @@ def test_replicas_check_that_they_see_the_masters_output_folder(tmp_path, shared
     def replica(rank):
         folders[rank].mkdir(exist_ok=True)
         try:
-            checkpoint.check_output_shared(ThreadReplica(rank, shared), folders[rank])
+            runtime.rundir.check_output_shared(ThreadReplica(rank, shared), folders[rank])
         except InputError as e:
             errors[rank] = str(e)
     threads = [threading.Thread(target=replica, args=(rank,)) for rank in range(2)]

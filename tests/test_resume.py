@@ -8,11 +8,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, read_metrics, run_train
 from safetensors.torch import load_file
 
-import checkpoint
+import runtime.rundir
 import train
-from conftest import ROOT, read_metrics, run_train
 
 # 258 training reviews in batches of 16: 16 optimizer steps an epoch, 48 in all. A
 # checkpoint every 5 steps puts them mid-epoch; the kill at step 23 is mid-epoch too.
@@ -45,13 +45,14 @@ def uninterrupted(train_args, tmp_path):
     return tmp_path / "reference"
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(train_args, tmp_path,
                                                                    uninterrupted):
     args = train_args + RUN
     killed = interrupted("sigkill", 23, args)
     assert killed.returncode == -signal.SIGKILL
     out = tmp_path / "out"
-    assert checkpoint.latest_checkpoint(out).name == "checkpoint-20"   # mid-epoch 2
+    assert runtime.rundir.latest_checkpoint(out).name == "checkpoint-20"   # mid-epoch 2
     resumed = run_train(args + ["--resume", "latest"])
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming:         " in resumed.stdout and "(step 20, epoch 2)" in resumed.stdout
@@ -61,6 +62,7 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(train_args, 
     assert_same_losses(out, uninterrupted)
 
 
+@pytest.mark.slow
 def test_resume_with_group_by_length_matches_an_uninterrupted_run(train_args, tmp_path):
     # The order of the batches grouped by length is a function of seed and epoch alone.
     args = train_args + RUN + ["--group_by_length"]
@@ -84,6 +86,7 @@ def assert_same_losses(a, b):
     assert losses(a) == losses(b)
 
 
+@pytest.mark.slow
 def test_kill_during_a_save_keeps_the_previous_checkpoint(train_args, tmp_path, uninterrupted):
     args = train_args + RUN
     killed = interrupted("kill-in-save", 15, args)
@@ -100,6 +103,7 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint(train_args, tmp_path, 
     assert_same_losses(out, uninterrupted)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_prints_how_to_resume_and_exits_nonzero(train_args, tmp_path,
                                                              uninterrupted):
     args = train_args + RUN
@@ -108,7 +112,7 @@ def test_sigterm_saves_prints_how_to_resume_and_exits_nonzero(train_args, tmp_pa
     assert "stopped by SIGTERM at step 23" in stopped.stderr
     assert "--resume latest" in stopped.stderr and "Traceback" not in stopped.stderr
     out = tmp_path / "out"
-    assert checkpoint.latest_checkpoint(out).name == "checkpoint-23"
+    assert runtime.rundir.latest_checkpoint(out).name == "checkpoint-23"
     resumed = run_train(args + ["--resume", "latest"])
     assert resumed.returncode == 0, resumed.stderr
     assert_same_weights(out / "checkpoint-48", uninterrupted / "checkpoint-48")
@@ -125,6 +129,7 @@ def wait_for_training(out, process, timeout=300):
     raise AssertionError("training did not start")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, device", [(signal.SIGINT, "cpu"), (signal.SIGTERM, "xla")])
 def test_signal_to_a_running_process(train_args, tmp_path, sig, device):
     """Ctrl-C on the CPU; on XLA a SIGTERM to the launcher reaches the replica, which saves."""
@@ -141,10 +146,11 @@ def test_signal_to_a_running_process(train_args, tmp_path, sig, device):
         process.kill()
     assert process.returncode == 128 + sig, stderr
     assert f"stopped by {signal.Signals(sig).name}" in stderr and "--resume latest" in stderr
-    saved = checkpoint.latest_checkpoint(out)
+    saved = runtime.rundir.latest_checkpoint(out)
     assert saved is not None and (saved / "training_state.pt").is_file()
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(train_args, tmp_path):
     args = train_args + ["--save_every_steps", "2", "--log_every", "4", "--epochs", "1"]
     result = interrupted("nan", 5, args)
@@ -155,6 +161,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(train_args, tmp_path)
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
 
 
+@pytest.mark.slow
 def test_full_disk_during_a_checkpoint_keeps_the_previous_one(train_args, tmp_path):
     args = train_args + RUN
     result = interrupted("disk-full", 10, args)
@@ -164,7 +171,7 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(train_args, tmp_pa
     assert "No space left on device" in line and "checkpoint-5 is intact" in line
     out = tmp_path / "out"
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-5"]
-    assert checkpoint.is_complete(out / "checkpoint-5")
+    assert runtime.rundir.is_complete(out / "checkpoint-5")
     assert "Traceback" not in result.stderr
 
 
@@ -190,6 +197,7 @@ def test_resume_latest_with_no_checkpoint_starts_afresh(train_args, capsys):
     assert "no checkpoint in" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_xla_replicas_exit_with_a_killed_launcher(train_args, tmp_path):
     import psutil
     out = tmp_path / "out"

@@ -1,9 +1,8 @@
 import math
+from sched import linear_warmup_decay, lr_factor, warmup_steps_for
 
 import pytest
 import torch
-
-from sched import linear_warmup_decay, lr_factor, warmup_steps_for
 
 
 def test_warmup_rises_linearly_to_the_peak():

@@ -1,10 +1,9 @@
 """TensorBoard: the curves of metrics.jsonl in event files, read back with TensorBoard's own
 reader; a resumed run continues them with no stale points after the resume step."""
 import pytest
+from conftest import read_metrics, run_train
 from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
 from tensorboard.util import tensor_util
-
-from conftest import read_metrics, run_train
 
 SCALARS = {"train/loss": ("train", "loss"), "train/learning_rate": ("train", "lr"),
            "train/tokens_per_s": ("train", "tokens_per_s"), "eval/val_loss": ("eval", "val_loss"),
@@ -25,6 +24,7 @@ def board(out):
                   for e in events.Tensors(tag)] for tag in events.Tags()["tensors"]}
 
 
+@pytest.mark.slow
 def test_event_files_hold_what_metrics_jsonl_holds_and_a_resume_continues_them(train_args,
                                                                                tmp_path):
     first = run_train(train_args + RUN)
@@ -54,6 +54,7 @@ def test_event_files_hold_what_metrics_jsonl_holds_and_a_resume_continues_them(t
         assert f"**{word}** {review}" in last
 
 
+@pytest.mark.slow
 def test_report_to_none_writes_no_event_files(train_args, tmp_path):
     result = run_train(train_args + ["--max_steps", "2", "--report_to", "none"])
     assert result.returncode == 0, result.stderr
@@ -62,7 +63,8 @@ def test_report_to_none_writes_no_event_files(train_args, tmp_path):
 
 
 def test_the_estimate_counts_the_evaluations_still_to_come():
-    import reporting
+    from runtime import reporting
+
     # 48 steps of 16 a epoch: evaluations at 16, 32, 48; with --eval_every 10 also 10, 20, 30, 40.
     assert reporting.evaluations_after(0, 48, 16, None) == 3
     assert reporting.evaluations_after(0, 48, 16, 10) == 7

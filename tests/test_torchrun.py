@@ -8,13 +8,20 @@ import socket
 import subprocess
 import sys
 
-import pytest
-
-import checkpoint
 import fixtures
+import pytest
 from conftest import ROOT, read_metrics, run_train
-from test_replicas import (assert_same_run, assert_same_weights, max_weight_difference,
-                           trained_steps, wait_for)
+from test_replicas import (
+    assert_same_run,
+    assert_same_weights,
+    max_weight_difference,
+    trained_steps,
+    wait_for,
+)
+
+import runtime.rundir
+
+pytestmark = pytest.mark.slow  # every test here runs train.py or generate.py as a process
 
 
 def torchrun_command(args, script="train.py", nproc=2):
@@ -141,8 +148,8 @@ def test_sigterm_kill_9_and_resume_at_2_processes_end_as_an_uninterrupted_run(
         process.terminate()
     assert stderr.count("stopped by SIGTERM at step 2: saved") == 1, stderr  # rank 0 says it
     assert "Unable to shutdown process" not in stderr  # torchrun did not have to kill one
-    assert [p.name for p in checkpoint.checkpoints(out)] == ["checkpoint-2"]
-    assert checkpoint.is_complete(out / "checkpoint-2")
+    assert [p.name for p in runtime.rundir.checkpoints(out)] == ["checkpoint-2"]
+    assert runtime.rundir.is_complete(out / "checkpoint-2")
     assert trained_steps(out) == [2]
 
     # SIGTERM in each process after step 6: each saves its part once and exits 143.
@@ -152,7 +159,7 @@ def test_sigterm_kill_9_and_resume_at_2_processes_end_as_an_uninterrupted_run(
     # torchrun reports the processes it saw end (one or both): each with status 143.
     assert set(re.findall(r"exitcode *: (-?\d+)", stopped.stderr)) == {"143"}, stopped.stderr
     assert "again" not in stopped.stderr  # torchrun's own SIGTERM to the last one is ignored
-    assert [p.name for p in checkpoint.checkpoints(out)] == ["checkpoint-6", "checkpoint-4",
+    assert [p.name for p in runtime.rundir.checkpoints(out)] == ["checkpoint-6", "checkpoint-4",
                                                              "checkpoint-2"]
     assert sorted(p.name for p in (out / "checkpoint-6").glob("rng_state_*.pt")) == [
         "rng_state_0.pt", "rng_state_1.pt"]
@@ -161,7 +168,7 @@ def test_sigterm_kill_9_and_resume_at_2_processes_end_as_an_uninterrupted_run(
     killed = torchrun(["sigkill", "10", "--", *args, "--resume", "latest"],
                       script="tests/interrupt.py")
     assert killed.returncode != 0
-    assert checkpoint.latest_checkpoint(out).name == "checkpoint-8"
+    assert runtime.rundir.latest_checkpoint(out).name == "checkpoint-8"
 
     resumed = torchrun(args + ["--resume", "latest"])
     assert resumed.returncode == 0, resumed.stderr
