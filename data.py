@@ -294,7 +294,6 @@ def batches_per_epoch(num_examples, batch_size, world_size):
     return (num_examples // world_size) // batch_size
 
 
-
 def replica_steps(num_examples, batch_size, world_size, grad_accum_steps):
     """How the work splits across replicas: (micro-batches each replica trains on per
     epoch, optimizer steps per epoch)."""

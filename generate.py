@@ -216,7 +216,7 @@ def evaluation_files(args):
         train_file = args.train_file and given_file("--train_file", args.train_file)
         return train_file, given_file("--val_file", args.val_file)
     val_file, = corpus_files(args.downstream_corpus_root_dir,  # only the test file
-                                  args.downstream_corpus_name, names=NSMC_FILES[1:])
+                             args.downstream_corpus_name, names=NSMC_FILES[1:])
     if args.train_file:
         return given_file("--train_file", args.train_file), val_file
     beside = val_file.parent / NSMC_FILES[0]  # the judge's, when it is on disk already

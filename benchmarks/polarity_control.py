@@ -158,8 +158,11 @@ def fluency(model, tokenizer, reviews):
         texts = [text for text in texts if text.strip()]
         if not texts:
             continue
-        features = corpus_features.encode(corpus_read.Reviews(texts, [label] * len(texts)), tokenizer,
-                               max_positions(model.config) or 1024)
+        features = corpus_features.encode(
+            corpus_read.Reviews(texts, [label] * len(texts)),
+            tokenizer,
+            max_positions(model.config) or 1024,
+        )
         dataset = task.polarity.PolarityBatches(features, tokenizer, None, False, 64)
         prefix = task.generation.prompt_ids(tokenizer, corpus_features.POLARITY[label])
         for indices in data.eval_batches(len(dataset), 64, 1, 0):
@@ -171,7 +174,7 @@ def fluency(model, tokenizer, reviews):
 
 def guidance_row(model, tokenizer, judge, args, guidance):
     accuracy, reviews = task.generation.control_accuracy(model, tokenizer, judge, args.samples,
-                                                  args.seed, guidance)
+                                                         args.seed, guidance)
     token_lists = [tokenizer(text, add_special_tokens=False)["input_ids"]
                    for texts in reviews.values() for text in texts]
     return dict(guidance=guidance, control=accuracy, distinct1=distinct(token_lists, 1),
@@ -206,11 +209,12 @@ def print_comparison(results):
 
 def measure_recipe(checkpoint, seconds, judge, val_features, args):
     model, tokenizer = load(checkpoint)
-    control = {g: task.generation.control_accuracy(model, tokenizer, judge, args.samples, args.seed,
-                                            g)[0] for g in (1, task.GUIDANCE)}
+    control = {g: task.generation.control_accuracy(model, tokenizer, judge, args.samples,
+                                                   args.seed, g)[0]
+               for g in (1, task.GUIDANCE)}
     return dict(seconds=seconds, val_nll=validation_nll(model, tokenizer, val_features),
                 polarity=task.polarity.polarity_accuracy(model, tokenizer, val_features,
-                                                    Backend("cpu", "fp32"), 64),
+                                                         Backend("cpu", "fp32"), 64),
                 control_1=control[1], control_g=control[task.GUIDANCE])
 
 
@@ -245,7 +249,9 @@ def main(argv=None):
         return 0
 
     seed, seed_seconds = fine_tune(args, work / "seed-recipe", val_file, seed_recipe=True)
-    val_features = corpus_features.load_features(val_file, tokenizer, args.max_seq_length, args.cache_dir)
+    val_features = corpus_features.load_features(
+        val_file, tokenizer, args.max_seq_length, args.cache_dir
+    )
     results = {"ours": measure_recipe(ours, ours_seconds, judge, val_features, args),
                "seed's recipe": measure_recipe(seed, seed_seconds, judge, val_features, args)}
     print(f"\nthe same {args.max_steps} steps, batch {args.batch_size}, lr "

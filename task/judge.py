@@ -66,7 +66,7 @@ def train_judge(texts, labels):
     positive = sum(labels)
     if positive in (0, len(labels)):
         raise InputError("the judge of control accuracy needs positive and negative "
-                              "reviews in the training file; it has only one polarity")
+                         "reviews in the training file; it has only one polarity")
     return {"ngrams": ngrams, "weights": (log_p[1] - log_p[0]).float(),
             "prior": math.log(positive / (len(labels) - positive)), "version": JUDGE_VERSION}
 
@@ -101,7 +101,7 @@ def labelled_reviews(path):
     reviews = read_corpus(path)
     if reviews.labels is None or not reviews.texts:
         raise InputError(f"{path}: no labelled reviews, so no judge of polarity can be "
-                              f"trained or checked on it")
+                         f"trained or checked on it")
     return reviews.texts, reviews.labels
 
 

@@ -12,6 +12,7 @@ from model import WITHOUT_LOGITS, output_layer_at, splits_off_output_layer
 from runtime.errors import InputError
 from task.generation import prompt_ids
 
+
 def strip_polarity(features, tokenizer, max_examples=None):
     """Reviews of labelled `features` without their polarity word: Features whose rows are
     `review</s>`, left-aligned, the labels kept. With `max_examples`, only that many, spread

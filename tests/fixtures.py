@@ -99,7 +99,9 @@ if __name__ == "__main__":
     p.add_argument("--write_corpus", metavar="DIR",
                    help="write a sample corpus in NSMC's layout: DIR/nsmc/ratings_train.txt "
                         "and DIR/nsmc/ratings_test.txt")
-    p.add_argument("--train_reviews", type=int, default=1000, help="--write_corpus: training reviews")
+    p.add_argument(
+        "--train_reviews", type=int, default=1000, help="--write_corpus: training reviews"
+    )
     p.add_argument("--test_reviews", type=int, default=200, help="--write_corpus: test reviews")
     p.add_argument("--corpus", help="an NSMC-format file to train the tokenizer on")
     p.add_argument("--out", help="where to save the tiny model and its tokenizer")

@@ -84,14 +84,18 @@ def install_fault():
         train.train_step = at_step(train.train_step, step, after(sig), computing)
     elif fault == "kill-in-save":
         runtime.checkpoint.training_state = at_step(runtime.checkpoint.training_state, step,
-                                            lambda *a: os.kill(os.getpid(), signal.SIGKILL),
-                                            saving)
+                                                    lambda *a: os.kill(os.getpid(), signal.SIGKILL),
+                                                    saving)
     elif fault == "disk-full":
         def no_space(function, *args):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        runtime.checkpoint.training_state = at_step(runtime.checkpoint.training_state, step, no_space, saving)
+        runtime.checkpoint.training_state = at_step(
+            runtime.checkpoint.training_state, step, no_space, saving
+        )
     elif fault in ("sigterm-in-eval", "two-signals-in-eval"):
-        signals = [signal.SIGTERM] if fault == "sigterm-in-eval" else [signal.SIGINT, signal.SIGTERM]
+        signals = (
+            [signal.SIGTERM] if fault == "sigterm-in-eval" else [signal.SIGINT, signal.SIGTERM]
+        )
         original, calls = train.evaluate, {"n": 0}
 
         def signalled_evaluate(*args, **kwargs):

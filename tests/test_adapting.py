@@ -11,10 +11,10 @@ from model import load_model, load_tokenizer
 
 
 def test_the_loops_pieces_train_the_tiny_model_without_the_command_line(tiny_model, corpus,
-                                                                         tmp_path):
+                                                                        tmp_path):
     tokenizer = load_tokenizer(str(tiny_model))
     features = corpus_features.load_features(corpus / "nsmc" / "ratings_train.txt", tokenizer,
-                                  max_seq_length=32, cache_dir=tmp_path)
+                                             max_seq_length=32, cache_dir=tmp_path)
     device = runtime.backends.Backend("cpu", "fp32")
     model = load_model(str(tiny_model), tokenizer, device=device.device).train()
     optimizer = device.optimizer(train.param_groups(model, weight_decay=0.0), lr=1e-3)

@@ -8,15 +8,14 @@ import sys
 import pytest
 from conftest import ROOT
 
-import runtime.backends
-
 pytestmark = pytest.mark.slow  # every test here runs train.py or generate.py as a process
 
 STEPS = """
 import resource, sys, torch
 sys.path.insert(0, sys.argv[1])
+from runtime import backends
 if sys.argv[2] == "cpu backend":
-    runtime.backends.Backend("cpu", None)
+    backends.Backend("cpu", None)
 
 def page_faults_of_a_step():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

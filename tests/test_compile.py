@@ -16,7 +16,9 @@ pytestmark = pytest.mark.slow  # torch.compile takes tens of seconds
 def test_compiled_loss_sum_equals_the_eager_one(tiny_model, packed):
     tokenizer = load_tokenizer(str(tiny_model))
     texts = [" ".join(["정말"] * (1 + i % 7)) for i in range(8)]   # uneven lengths: padding
-    features = corpus_features.encode(corpus_read.Reviews(texts, [i % 2 for i in range(8)]), tokenizer, 16)
+    features = corpus_features.encode(
+        corpus_read.Reviews(texts, [i % 2 for i in range(8)]), tokenizer, 16
+    )
     batch = data.ReviewBatches(features, tokenizer.pad_token_id, False, 8, packed)[list(range(8))]
     model = load_model(str(tiny_model), tokenizer).eval()  # no dropout: both see one function
     compiled = runtime.backends.Backend("cpu", None).compile(train.token_loss_sum)

@@ -1,5 +1,7 @@
-"""Polarity control: the independent judge (task.judge.py), classifier-free guidance towards the
-requested polarity (task.generation.write_reviews), and control accuracy in generate.py and train.py."""
+"""Polarity control: the independent judge (task/judge.py), classifier-free guidance towards
+the requested polarity (task/generation.py:write_reviews), and control accuracy in generate.py
+and train.py."""
+
 import fixtures
 import pytest
 import torch
@@ -35,7 +37,9 @@ def briefly_trained(tiny_model, corpus_files, tmp_path_factory):
     """The tiny model after 10 steps on the fixture corpus: the polarity word has begun to
     matter, not yet enough to decide every review (seeded, so the same model every time)."""
     tokenizer = load_tokenizer(str(tiny_model))
-    features = corpus_features.load_features(corpus_files[0], tokenizer, 32, tmp_path_factory.mktemp("c"))
+    features = corpus_features.load_features(
+        corpus_files[0], tokenizer, 32, tmp_path_factory.mktemp("c")
+    )
     batches = data.ReviewBatches(features, tokenizer.pad_token_id, False, 16)
     torch.manual_seed(0)
     model = load_model(str(tiny_model), tokenizer).train()
@@ -85,8 +89,12 @@ def test_the_judge_needs_labels(tmp_path):
 @pytest.mark.slow
 def test_guidance_steers_reviews_towards_the_requested_polarity(briefly_trained, fixture_judge):
     model, tokenizer = briefly_trained
-    unguided, _ = task.generation.control_accuracy(model, tokenizer, fixture_judge, 32, 7, 1, SETTINGS)
-    guided, _ = task.generation.control_accuracy(model, tokenizer, fixture_judge, 32, 7, 3, SETTINGS)
+    unguided, _ = task.generation.control_accuracy(
+        model, tokenizer, fixture_judge, 32, 7, 1, SETTINGS
+    )
+    guided, _ = task.generation.control_accuracy(
+        model, tokenizer, fixture_judge, 32, 7, 3, SETTINGS
+    )
     assert guided >= unguided + 0.1, (unguided, guided)
 
 
@@ -96,9 +104,9 @@ def test_the_same_seed_writes_the_same_guided_reviews(briefly_trained):
     first = task.generation.write_reviews(model, tokenizer, "부정", SETTINGS, "영화", 4, 1, guidance=2)
     assert torch.equal(torch.get_rng_state(), state)
     assert task.generation.write_reviews(model, tokenizer, "부정", SETTINGS, "영화", 4, 1,
-                                  guidance=2) == first
+                                         guidance=2) == first
     assert task.generation.write_reviews(model, tokenizer, "부정", SETTINGS, "영화", 4, 2,
-                                  guidance=2) != first
+                                         guidance=2) != first
     assert all(review.startswith("영화") for review in first)
 
 
@@ -147,7 +155,9 @@ def test_generate_evaluate_prints_control_accuracy_and_the_judges_own(
         printed.append(capsys.readouterr().out.splitlines()[1])
     judge_ = task.judge.load_judge(*corpus_files, tmp_path / "cache")
     for line, guidance in zip(printed, (1, 3)):
-        accuracy, _ = task.generation.control_accuracy(model, tokenizer, judge_, 32, 7, guidance, SETTINGS)
+        accuracy, _ = task.generation.control_accuracy(
+            model, tokenizer, judge_, 32, 7, guidance, SETTINGS
+        )
         assert line.startswith(f"control accuracy: {accuracy:.4f} of 64 reviews written with "
                                f"--guidance {guidance}, judged by a character n-gram naive Bayes")
         assert line.endswith(f"({judge_.val_accuracy:.4f} accurate on {corpus_files[1]})")

@@ -61,10 +61,10 @@ def test_plain_text_is_read_without_labels(tmp_path):
      ":2: expected 2 tab-separated fields (document, label), found 3"),
     ("좋다\t1\n좋다\tpos\n", ":2: label must be 0 or 1, found 'pos'"),
     ("text\tlabel\n좋다\t1\n", ":1: label must be 0 or 1, found 'label'; a header must read "
-                               "'document<TAB>label'"),
+     "'document<TAB>label'"),
     ("좋다\n별로\n별로\t0\n", ":3: a tab in a plain-text corpus (line 1 has none"),
     ("id\ttext\tlabel\n1\t좋다\t1\n", ":1: expected the header 'id<TAB>document<TAB>label', "
-                                      "found 'id\\ttext\\tlabel'"),
+     "found 'id\\ttext\\tlabel'"),
     ("", ": the file is empty"),
 ], ids=["nsmc-fields", "two-column-fields", "label", "header", "tab-in-plain-text",
         "unknown-header", "empty"])
@@ -109,7 +109,7 @@ def test_train_and_val_files_go_together(tmp_path):
         corpus_read.corpus_files("~/Korpora", train_file=str(train))
     with pytest.raises(InputError, match=r"--val_file .*missing.txt: no such file"):
         corpus_read.corpus_files("~/Korpora", train_file=str(train),
-                          val_file=str(tmp_path / "missing.txt"))
+                                 val_file=str(tmp_path / "missing.txt"))
     both = corpus_read.corpus_files("~/Korpora", train_file=str(train), val_file=str(train))
     assert both == [train, train]
 

@@ -79,7 +79,9 @@ def test_truncation_cuts_the_review_and_keeps_eos(tokenizer):
 
 def test_token_ids_are_those_the_tokenizer_gives_in_chunks_too(tokenizer):
     texts = [" ".join(["정말", "최고", "영화"][: 1 + i % 3] * (1 + i)) for i in range(7)]
-    expected = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=5)["input_ids"]
+    expected = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=5)[
+        "input_ids"
+    ]
     assert corpus_features.token_ids(texts, tokenizer, max_length=5, chunk=3) == expected
     assert max(map(len, expected)) == 5 and min(map(len, expected)) < 5  # some were cut
     # The tokenizer is configured on a copy: its own calls are left untruncated.
@@ -87,14 +89,18 @@ def test_token_ids_are_those_the_tokenizer_gives_in_chunks_too(tokenizer):
 
 
 def test_the_progress_bar_is_quiet_when_stderr_is_no_terminal(tokenizer, capsys):
-    corpus_features.encode(corpus_read.Reviews(["최고 영화"] * 3, [1, 0, 1]), tokenizer, 16, progress=True)
+    corpus_features.encode(
+        corpus_read.Reviews(["최고 영화"] * 3, [1, 0, 1]), tokenizer, 16, progress=True
+    )
     assert capsys.readouterr().err == ""
 
 
 def test_batches_mask_padding_in_labels_and_pass_no_token_type_ids(tokenizer):
     reviews = corpus_read.Reviews(["최고", "정말 너무 재밌다 추천"], [1, 1])
     features = corpus_features.encode(reviews, tokenizer, max_seq_length=16)
-    batch = data.ReviewBatches(features, tokenizer.pad_token_id, fixed_shape=False, batch_size=2)[[0, 1]]
+    batch = data.ReviewBatches(features, tokenizer.pad_token_id, fixed_shape=False, batch_size=2)[
+        [0, 1]
+    ]
     assert set(batch) == {"input_ids", "attention_mask", "labels", "target_positions"}
     width = int(features.lengths.max())
     assert batch["input_ids"].shape == (2, width)                 # cut to the longest
@@ -108,7 +114,9 @@ def test_batches_mask_padding_in_labels_and_pass_no_token_type_ids(tokenizer):
 def test_fixed_shape_batches_pad_rows_and_columns(tokenizer):
     reviews = corpus_read.Reviews(["최고", "별로"], [1, 0])
     features = corpus_features.encode(reviews, tokenizer, max_seq_length=16)
-    batch = data.ReviewBatches(features, tokenizer.pad_token_id, fixed_shape=True, batch_size=4)[[1]]
+    batch = data.ReviewBatches(features, tokenizer.pad_token_id, fixed_shape=True, batch_size=4)[
+        [1]
+    ]
     assert batch["input_ids"].shape == (4, 16)
     assert (batch["labels"][1:] == -100).all()                    # filler rows add no loss
 
@@ -205,7 +213,7 @@ def test_xla_replicas_agree_on_the_rows_of_packed_batches(lengths, window):
     # its micro-batches), and a resumed run (skipping 3 micro-batches) cuts the same windows.
     world, width, skip = 4, 32, 3
     features = corpus_features.Features(torch.zeros(400, width, dtype=torch.int32),
-                             (LENGTHS[:400] % width + 1).int(), None)
+                                        (LENGTHS[:400] % width + 1).int(), None)
     dataset = data.ReviewBatches(features, 0, fixed_shape=True, batch_size=10, packed=True)
     plain, agreed = [], []
     for rank in range(world):
@@ -245,7 +253,9 @@ def test_grouping_by_length_takes_as_many_reviews_with_less_padding():
 
 def test_eval_shards_cover_every_example_once():
     for world in (1, 8):
-        seen = [i for rank in range(world) for b in data.eval_batches(103, 4, world, rank) for i in b]
+        seen = [
+            i for rank in range(world) for b in data.eval_batches(103, 4, world, rank) for i in b
+        ]
         assert sorted(seen) == list(range(103))
 
 
@@ -253,7 +263,7 @@ def test_a_cache_that_cannot_be_written_is_a_warning(tokenizer, corpus, tmp_path
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     features = corpus_features.load_features(corpus / "nsmc" / "ratings_train.txt", tokenizer, 32,
-                                  blocker / "cache")
+                                             blocker / "cache")
     assert len(features) == 258
     assert "warning: could not cache" in capsys.readouterr().err
 
@@ -264,7 +274,9 @@ def test_a_tokenizer_without_pad_pads_with_its_end_token(tmp_path):
     backend = SentencePieceBPETokenizer()
     backend.train_from_iterator(["긍정 부정 좋은 영화", "나쁜 영화"], vocab_size=60,
                                 special_tokens=["<|endoftext|>"], show_progress=False)
-    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>").save_pretrained(tmp_path)
+    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>").save_pretrained(
+        tmp_path
+    )
     from transformers import GPT2Config
     GPT2Config(vocab_size=60).save_pretrained(tmp_path)
     tokenizer = load_tokenizer(str(tmp_path))
@@ -287,7 +299,9 @@ def test_only_missing_corpus_files_are_downloaded(tmp_path, monkeypatch):
     train_file, test_file = corpus_read.corpus_files(tmp_path, "nsmc")
     assert train_file.read_bytes() == before                        # left as it was
     assert corpus_read.read_corpus(test_file).texts == ["내려받은 파일"]
-    assert sorted(p.name for p in folder.iterdir()) == sorted(corpus_read.NSMC_FILES)  # no scratch left
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        corpus_read.NSMC_FILES
+    )  # no scratch left
 
     monkeypatch.setattr(Korpora, "fetch", lambda *a, **k: pytest.fail("files were there"))
     assert corpus_read.corpus_files(tmp_path, "nsmc") == [train_file, test_file]

@@ -115,10 +115,16 @@ def test_output_directory_that_cannot_be_written(train_args, tmp_path, capsys):
 
 def hold_lock(directory):
     """Another process holding the output directory, as a running training would."""
-    code = ("import sys, time, checkpoint; lock = checkpoint.exclusive(sys.argv[1]); lock.__enter__(); "
-            "print('locked', flush=True); time.sleep(600)")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(directory)], cwd=train.__file__.rsplit("/", 1)[0],
-                              stdout=subprocess.PIPE, text=True)
+    code = (
+        "import sys, time, checkpoint; lock = checkpoint.exclusive(sys.argv[1]); lock.__enter__(); "
+        "print('locked', flush=True); time.sleep(600)"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(directory)],
+        cwd=train.__file__.rsplit("/", 1)[0],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "locked"
     return holder
 
@@ -130,8 +136,10 @@ def test_a_second_run_on_the_same_directory_refuses_to_start(train_args, tmp_pat
     try:
         assert train.main(train_args + ["--max_steps", "2"]) == 1
         line = error_line(capsys)
-        assert line == (f"error: --downstream_model_dir {out} is in use by another training "
-                        f"run (pid {holder.pid}); wait for it to finish or choose another directory")
+        assert line == (
+            f"error: --downstream_model_dir {out} is in use by another training "
+            f"run (pid {holder.pid}); wait for it to finish or choose another directory"
+        )
     finally:
         holder.kill()
         holder.wait()

@@ -42,8 +42,11 @@ def untrained(tiny_model):
 
 
 def review_features(tokenizer, texts, label):
-    return corpus_features.encode(corpus_read.Reviews(texts, None if label is None else [label] * len(texts)),
-                       tokenizer, max_seq_length=32)
+    return corpus_features.encode(
+        corpus_read.Reviews(texts, None if label is None else [label] * len(texts)),
+        tokenizer,
+        max_seq_length=32,
+    )
 
 
 # --------------------------------------------------------------------------- writing reviews
@@ -67,7 +70,9 @@ def test_the_same_seed_writes_the_same_reviews_and_leaves_the_rng_alone(untraine
     assert torch.equal(torch.get_rng_state(), state)
     assert len(first) == 3
     for seed, same in [(1, True), (2, False)]:
-        again = task.generation.write_reviews(model, tokenizer, "긍정", SETTINGS, num_samples=3, seed=seed)
+        again = task.generation.write_reviews(
+            model, tokenizer, "긍정", SETTINGS, num_samples=3, seed=seed
+        )
         assert (again == first) == same
 
 
@@ -108,7 +113,9 @@ def test_review_log_prob_scores_the_review_and_not_the_prefix(untrained, fixed_s
 
 def test_fixed_shapes_count_every_review_once(untrained):
     model, tokenizer = untrained
-    features = corpus_features.encode(corpus_read.Reviews(*zip(*fixtures.make_reviews(12))), tokenizer, 32)
+    features = corpus_features.encode(
+        corpus_read.Reviews(*zip(*fixtures.make_reviews(12))), tokenizer, 32
+    )
     counts = []
     for fixed_shape in (False, True):
         dataset = task.polarity.PolarityBatches(features, tokenizer, 11, fixed_shape, batch_size=4)
@@ -152,6 +159,7 @@ def test_generate_prints_reviews_of_each_polarity(trained, capsys):
     assert capsys.readouterr().out.splitlines() == [line.split(" ", 1)[1] for line in lines[3:]]
 
 
+@pytest.mark.slow  # uses `trained`, a whole train.py run
 def test_a_checkpoint_continues_a_prompt(trained, capsys):
     checkpoint = sorted(trained.out.glob("checkpoint-*"))[0]
     argv = ["--downstream_model_dir", str(checkpoint), "--polarity", "긍정", "--prompt", "배우 연기",
@@ -176,6 +184,7 @@ def test_bad_input_is_one_line(argv, message, capsys):
 
 # --------------------------------------------------------------------------- while training
 
+@pytest.mark.slow  # uses `trained`, a whole train.py run
 def test_each_evaluation_reports_polarity_accuracy_and_samples(trained):
     evaluations = read_metrics(trained.out, "eval")
     assert [e["step"] for e in evaluations] == [0, 16, 32, 48, 64, 80]  # 0: before training

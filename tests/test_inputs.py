@@ -84,7 +84,7 @@ def test_a_corpus_flag_naming_something_else_than_a_file(tmp_path, make, flag):
     given = {"--train_file": good, "--val_file": good, flag: odd}
     with pytest.raises(InputError) as error:
         corpus_read.corpus_files("~/Korpora", train_file=str(given["--train_file"]),
-                          val_file=str(given["--val_file"]))
+                                 val_file=str(given["--val_file"]))
     assert str(error.value).startswith(f"{flag} {odd}: {problem}")
 
 
@@ -123,7 +123,11 @@ def cached(tmp_path, tokenizer):
     """A corpus file, its cache file and the features in it."""
     corpus_file = write(tmp_path / "corpus.tsv", "좋다\t1\n정말 별로\t0\n최고 영화\t1\n")
     features = corpus_features.load_features(corpus_file, tokenizer, 16, tmp_path / "cache")
-    return corpus_file, corpus_features.cache_path(tmp_path / "cache", corpus_file, tokenizer, 16), features
+    return (
+        corpus_file,
+        corpus_features.cache_path(tmp_path / "cache", corpus_file, tokenizer, 16),
+        features,
+    )
 
 
 def same_features(a, b):
@@ -197,7 +201,9 @@ def test_a_damaged_cache_is_tokenized_again(cached, tokenizer, damage, capsys):
     assert warning.endswith(f"); tokenizing {corpus_file} again\n")
     assert warning.count("\n") == 1
     # The cache is whole again: the next run reads it, with no warning.
-    assert same_features(corpus_features.Features(**torch.load(cache_file, weights_only=True)), features)
+    assert same_features(
+        corpus_features.Features(**torch.load(cache_file, weights_only=True)), features
+    )
     corpus_features.load_features(corpus_file, tokenizer, 16, cache_file.parent)
     assert capsys.readouterr().err == ""
 

@@ -24,7 +24,9 @@ def tokenizer(tiny_model):
 @pytest.fixture(scope="module")
 def features(tokenizer):
     texts = [" ".join(["정말", "최고", "영화", "별로"][: 1 + i % 4] * (1 + i % 5)) for i in range(12)]
-    return corpus_features.encode(corpus_read.Reviews(texts, [i % 2 for i in range(12)]), tokenizer, 16)
+    return corpus_features.encode(
+        corpus_read.Reviews(texts, [i % 2 for i in range(12)]), tokenizer, 16
+    )
 
 
 def full_logits_loss_sum(model, batch):
@@ -36,7 +38,7 @@ def full_logits_loss_sum(model, batch):
 
 
 def test_the_loss_and_its_gradients_are_those_of_logits_everywhere(tiny_model, tokenizer,
-                                                                  features):
+                                                                   features):
     batch = data.ReviewBatches(features, tokenizer.pad_token_id, False, 12)[list(range(12))]
     real = batch["attention_mask"].bool()
     assert not real.all()  # padding to skip
@@ -66,7 +68,7 @@ def test_fixed_shape_batches_give_the_same_loss(tiny_model, tokenizer, features)
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_packed_batches_train_what_padded_batches_train(tiny_model, tokenizer, features,
-                                                       attention):
+                                                        attention):
     # Reviews end to end in fewer rows, each seeing only itself: the same loss and the
     # same gradients as the padded batch, with either attention transformers offers.
     model = load_model(str(tiny_model), tokenizer).eval()
@@ -100,7 +102,7 @@ def test_a_model_that_cannot_pack_is_found_out(tiny_model, tokenizer):
 
 
 def test_review_scores_are_the_same_with_and_without_fixed_shapes(tiny_model, tokenizer,
-                                                                 features):
+                                                                  features):
     model = load_model(str(tiny_model), tokenizer).eval()
     prefix = task.generation.prompt_ids(tokenizer, "긍정")
     scores = []

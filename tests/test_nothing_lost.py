@@ -53,6 +53,7 @@ def run(finished, tmp_path):
 
 # --------------------------------------------------------------------------- resume after any kill
 
+@pytest.mark.slow
 def test_a_half_written_last_line_of_metrics_does_not_stop_a_resume(run, capsys):
     out, args = run
     with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
@@ -63,6 +64,7 @@ def test_a_half_written_last_line_of_metrics_does_not_stop_a_resume(run, capsys)
     assert steps == [1, 2, 3, 4, 5, 6]                           # parsed, no step twice
 
 
+@pytest.mark.slow
 def test_a_fresh_run_owns_its_log(run, capsys):
     """A run killed before its first checkpoint leaves events; the next run starts over."""
     out, args = run
@@ -76,6 +78,7 @@ def test_a_fresh_run_owns_its_log(run, capsys):
     assert [e["step"] for e in events if e["event"] == "train"] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow
 def test_a_fresh_run_over_an_earlier_run_is_refused_unless_asked_to_replace_it(run, capsys):
     out, args = run
     assert train.main(args + ["--max_steps", "2"]) == 1
@@ -108,6 +111,7 @@ DAMAGE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", DAMAGE, ids=list(DAMAGE))
 def test_resume_latest_falls_back_to_the_newest_checkpoint_that_loads(run, capsys, damage):
     out, args = run
@@ -127,6 +131,7 @@ def test_resume_latest_falls_back_to_the_newest_checkpoint_that_loads(run, capsy
 
 # --------------------------------------------------------------------------- full disks
 
+@pytest.mark.slow
 def test_a_full_disk_while_saving_training_state_keeps_the_previous_checkpoint(
         run, capsys, monkeypatch):
     """torch.save raises RuntimeError, not OSError, when the disk fills up."""
@@ -147,6 +152,7 @@ def test_a_full_disk_while_saving_training_state_keeps_the_previous_checkpoint(
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_exporting_the_best_model_keeps_the_previous_one(
         run, capsys, monkeypatch):
     out, args = run
@@ -167,6 +173,7 @@ def test_a_full_disk_while_exporting_the_best_model_keeps_the_previous_one(
     assert not (out / ".best.tmp").exists()
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_trimming_metrics_on_resume_is_one_line(run, capsys, monkeypatch):
     out, args = run
     before = (out / "metrics.jsonl").read_text()
@@ -224,6 +231,7 @@ def test_the_best_model_loads_after_a_kill_at_any_moment_of_its_export(
 
 # --------------------------------------------------------------------------- non-finite weights
 
+@pytest.mark.slow
 def test_weights_that_overflow_are_never_written(train_args, tmp_path, capsys):
     """The first step's loss is finite; the weights it leaves are not."""
     args = train_args + ["--learning_rate", "1e300", "--save_every_steps", "1", "--epochs", "1"]
@@ -259,6 +267,7 @@ def test_every_flag_is_checked(train_args, capsys, flag, value, expected):
 
 # --------------------------------------------------------------------------- changed arguments
 
+@pytest.mark.slow
 def test_a_changed_learning_rate_on_resume_is_applied(run, capsys):
     out, args = run
     shutil.rmtree(out / "checkpoint-6")
@@ -273,6 +282,7 @@ def test_a_changed_learning_rate_on_resume_is_applied(run, capsys):
 
 @pytest.mark.parametrize("changed", [["--epochs", "5"], ["--max_steps", "8"],
                                      ["--warmup_steps", "3"]])
+@pytest.mark.slow
 def test_changing_the_schedule_on_resume_is_refused(run, capsys, changed):
     out, args = run
     assert train.main(args + ["--resume", "latest", *changed]) == 1
@@ -280,6 +290,7 @@ def test_changing_the_schedule_on_resume_is_refused(run, capsys, changed):
     assert error_line(capsys).startswith(f"error: --resume: {flag} is ")
 
 
+@pytest.mark.slow
 def test_a_corpus_edited_in_place_is_refused_on_resume(run, capsys):
     out, args = run
     train_file = out.parent / "corpus" / "nsmc" / "ratings_train.txt"
@@ -292,13 +303,14 @@ def test_a_corpus_edited_in_place_is_refused_on_resume(run, capsys):
         "start a new --downstream_model_dir")
 
 
+@pytest.mark.slow
 def test_metrics_lines_stay_json(run):
     out, _ = run
     for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
         json.loads(line)
 
 
-# --------------------------------------------------------------------------- signals, wherever the run is
+# ---------------------------------------------------------------- signals, wherever the run is
 
 def faulty_run(fault, number, args):
     """train.py with tests/interrupt.py's `fault` at `number`, as a real process."""
@@ -326,7 +338,7 @@ def test_a_signal_during_an_evaluation_saves_the_step_and_the_resume_evaluates_i
 
 @pytest.mark.slow
 def test_a_signal_during_the_first_evaluation_stops_with_nothing_to_save(train_args,
-                                                                        tmp_path):
+                                                                         tmp_path):
     stopped = faulty_run("sigterm-in-eval", 1, train_args)
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
     assert stopped.stderr.strip().splitlines()[-1] == (
@@ -366,6 +378,7 @@ def test_a_mistyped_resume_path_is_one_line_before_any_replica_starts(train_args
         f"config.json is missing; use another checkpoint-<step> folder, or --resume latest")
 
 
+@pytest.mark.slow
 def test_resuming_from_an_earlier_checkpoint_abandons_the_later_ones(run, capsys):
     out, args = run
     assert train.main(args + ["--resume", str(out / "checkpoint-2"), "--keep_checkpoints",

@@ -34,6 +34,7 @@ def test_bf16_on_the_cpu_learns_and_keeps_fp32_weights(train_args, tmp_path):
     assert moments and {m.dtype for m in moments} == {torch.float32}
 
 
+@pytest.mark.slow
 def test_resuming_in_another_precision_says_so(train_args, capsys):
     """The precision is recorded as run, not as asked (unset lets the machine choose), so a
     checkpoint trained in fp32 and resumed where bf16 is chosen names the change."""

@@ -208,7 +208,7 @@ def test_a_replica_that_fails_alone_ends_the_run_promptly_with_its_error(
 
 
 def test_a_write_only_the_master_makes_fails_on_every_replica_together(tiny_model, corpus,
-                                                                     tmp_path):
+                                                                       tmp_path):
     """The best model's export fails on a full disk: the master alone writes it, and the
     other replicas must not go on to wait for it in the next collective."""
     out = tmp_path / "out"

@@ -47,7 +47,7 @@ def uninterrupted(train_args, tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(train_args, tmp_path,
-                                                                   uninterrupted):
+                                                                    uninterrupted):
     args = train_args + RUN
     killed = interrupted("sigkill", 23, args)
     assert killed.returncode == -signal.SIGKILL
@@ -105,7 +105,7 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint(train_args, tmp_path, 
 
 @pytest.mark.slow
 def test_sigterm_saves_prints_how_to_resume_and_exits_nonzero(train_args, tmp_path,
-                                                             uninterrupted):
+                                                              uninterrupted):
     args = train_args + RUN
     stopped = interrupted("sigterm", 23, args)
     assert stopped.returncode == 128 + signal.SIGTERM
@@ -175,6 +175,7 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(train_args, tmp_pa
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_resume_refuses_changed_shapes_and_warns_about_harmless_changes(train_args, tmp_path,
                                                                         capsys):
     args = train_args + ["--max_steps", "4", "--save_every_steps", "2"]
@@ -192,6 +193,7 @@ def test_resume_refuses_changed_shapes_and_warns_about_harmless_changes(train_ar
     assert "warning: --resume: --log_every changed from 1 to 3" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_resume_latest_with_no_checkpoint_starts_afresh(train_args, capsys):
     assert train.main(train_args + ["--max_steps", "2", "--resume", "latest"]) == 0
     assert "no checkpoint in" in capsys.readouterr().err

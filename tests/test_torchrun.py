@@ -160,7 +160,7 @@ def test_sigterm_kill_9_and_resume_at_2_processes_end_as_an_uninterrupted_run(
     assert set(re.findall(r"exitcode *: (-?\d+)", stopped.stderr)) == {"143"}, stopped.stderr
     assert "again" not in stopped.stderr  # torchrun's own SIGTERM to the last one is ignored
     assert [p.name for p in runtime.rundir.checkpoints(out)] == ["checkpoint-6", "checkpoint-4",
-                                                             "checkpoint-2"]
+                                                                 "checkpoint-2"]
     assert sorted(p.name for p in (out / "checkpoint-6").glob("rng_state_*.pt")) == [
         "rng_state_0.pt", "rng_state_1.pt"]
 

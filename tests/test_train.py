@@ -21,7 +21,10 @@ def test_cpu_run_learns_and_saves_a_loadable_model(train_args, tmp_path):
     result = run_train(train_args + ["--epochs", "3", "--keep_checkpoints", "2"])
     assert result.returncode == 0, result.stderr
     assert "device:           cpu" in result.stdout
-    assert "258 (1 blank skipped" in result.stdout and "steps:            16 per epoch, 48 in all" in result.stdout
+    assert (
+        "258 (1 blank skipped" in result.stdout
+        and "steps:            16 per epoch, 48 in all" in result.stdout
+    )
 
     evals = read_metrics(tmp_path / "out", "eval")
     assert [e["step"] for e in evals] == [0, 16, 32, 48]
@@ -106,7 +109,9 @@ def test_replicas_together_take_the_token_mean_gradient(tiny_model, world_size, 
     of the mean loss over every real token of the global batch."""
     tokenizer = load_tokenizer(str(tiny_model))
     texts = [" ".join(["정말"] * (1 + i % 7)) for i in range(32)]   # uneven lengths
-    features = corpus_features.encode(corpus_read.Reviews(texts, [i % 2 for i in range(32)]), tokenizer, 16)
+    features = corpus_features.encode(
+        corpus_read.Reviews(texts, [i % 2 for i in range(32)]), tokenizer, 16
+    )
     batches = data.ReviewBatches(features, tokenizer.pad_token_id, False, 32)
     model = load_model(str(tiny_model), tokenizer)
     model.eval()  # no dropout, so every split computes the same function
