@@ -289,9 +289,9 @@ def main(argv=None):
     except Interrupted as e:
         print(e, file=sys.stderr)
         return 128 + e.signum
-    except BrokenProcessPool:  # a replica ended its process: its error is printed above
-        print("error: a replica process ended early (its error is above); nothing after "
-              "the last checkpoint was saved", file=sys.stderr)
+    except BrokenProcessPool as e:  # a replica process ended: e says how (spawn_replicas)
+        print(f"error: a replica process ended early ({e}); nothing after the last "
+              f"checkpoint was saved", file=sys.stderr)
         return 1
     return 0
 

@@ -1,12 +1,16 @@
 """Starting the loop: in this process alone, as one of the processes torchrun starts, or as a
 replica on every XLA device through `xmp.spawn`; and what a replica does when it fails
 alone (it must not leave the others waiting in a collective)."""
+import contextlib
+import faulthandler
 import multiprocessing
 import os
 import signal
 import sys
 import threading
+import time
 import traceback
+from concurrent.futures.process import BrokenProcessPool
 
 from runtime.backends import (Backend, TorchrunBackend, XlaBackend, first_on_host,
                               started_by_torchrun)
@@ -47,7 +51,53 @@ def spawn_replicas(train, cfg, one_core=False, agreed=()):
     signal.signal(signal.SIGTERM, lambda signum, frame: [
         os.kill(child.pid, signum) for child in multiprocessing.active_children()])
     # nprocs: None means every device; recent torch_xla accepts nothing but 1 or None.
-    xmp.spawn(Replica(train, agreed), args=(cfg,), nprocs=1 if one_core else None)
+    with ReplicaProcesses() as replicas:
+        try:
+            xmp.spawn(Replica(train, agreed), args=(cfg,), nprocs=1 if one_core else None)
+        except BrokenProcessPool as e:
+            raise ReplicaProcessEnded(replicas.how_they_ended(e)) from e
+
+
+class ReplicaProcessEnded(BrokenProcessPool):
+    """A replica process ended in the middle of the run; str() says how, in a few words."""
+
+
+class ReplicaProcesses:
+    """Holds on to the processes that `xmp.spawn` starts (its ProcessPoolExecutor keeps them
+    to itself), so that when one ends early the launcher can say how: its exit code, or the
+    signal that killed it (a crash, the OOM killer), which nothing else prints. A thread
+    picks them up from `multiprocessing.active_children()` while they run."""
+
+    def __init__(self):
+        self.processes, self.done = {}, threading.Event()
+
+    def __enter__(self):
+        def watch():
+            while not self.done.wait(0.2):
+                for child in multiprocessing.active_children():
+                    self.processes.setdefault(child.pid, child)
+        threading.Thread(target=watch, name="replica-watch", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+
+    def how_they_ended(self, broken):
+        """E.g. "pid 7 killed by SIGSEGV", "pid 7: exit code 3", "its error is above"."""
+        if broken.__cause__ is not None:  # alive, but its result could not be read
+            lines = str(broken.__cause__).strip("\n'").splitlines()
+            return f"the launcher could not read its result: {lines[-1] if lines else '?'}"
+        endings = []
+        for process in self.processes.values():
+            process.join(5)  # the pool has joined it already: this only reads its status
+            code = process.exitcode
+            if code == 1:  # end_process and exit_with_launcher print why before exit 1
+                endings.append("its error is above")
+            elif code is not None and code < 0:
+                endings.append(f"pid {process.pid} killed by {signal.Signals(-code).name}")
+            elif code:
+                endings.append(f"pid {process.pid}: exit code {code}")
+        return "; ".join(endings) or "how it ended is unknown: it was not seen running"
 
 
 class Replica:
@@ -60,6 +110,9 @@ class Replica:
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        # A crash in native code (XLA, torch) would otherwise end the process without a
+        # word: print every thread's Python stack on SIGSEGV, SIGABRT, SIGBUS, SIGFPE, SIGILL.
+        faulthandler.enable(all_threads=True)
         StopSignal.install()
         exit_with_launcher()
 
@@ -79,10 +132,26 @@ class Replica:
 
 def exit_with_launcher():
     """A replica must not outlive its launcher (killed by SIGKILL, say): it would go on
-    writing into an output directory that a new run may by then own."""
+    writing into an output directory that a new run may by then own.
+
+    `parent_process().join()` only waits for the pipe whose write end the launcher's Popen
+    object holds to close: it returns as well when that end is closed while the launcher
+    lives on (the Popen finalized, or a stray close of its fd), and a silent exit then ended
+    the run with nothing said. So the process ends only once it has been re-parented, and
+    never without saying why."""
     launcher = multiprocessing.parent_process()
-    if launcher is not None:
-        threading.Thread(target=lambda: (launcher.join(), os._exit(1)), daemon=True).start()
+    if launcher is None:
+        return
+
+    def wait_for_launcher():
+        launcher.join()
+        while os.getppid() == launcher.pid:  # alive: the pipe closed without it ending
+            time.sleep(1)
+        with contextlib.suppress(Exception):  # its stderr may be gone with it
+            print(f"\nreplica process {os.getpid()}: its launcher (pid {launcher.pid}) has "
+                  f"ended; ending too", file=sys.stderr, flush=True)
+        os._exit(1)
+    threading.Thread(target=wait_for_launcher, name="exit-with-launcher", daemon=True).start()
 
 
 def end_process(error, rank):

@@ -188,6 +188,10 @@ def test_kill_9_then_resume_ends_with_the_weights_of_an_uninterrupted_xla_run(
     killed = run_train(["sigkill", "6", "--", *args], replicas=replicas,
                        script="tests/interrupt.py")
     assert killed.returncode != 0
+    # The replicas' process was killed (one replica too runs in a process of its own): the
+    # launcher names the signal, which nothing else prints.
+    assert "error: a replica process ended early (pid " in killed.stderr
+    assert " killed by SIGKILL); nothing after the last checkpoint was saved" in killed.stderr
     assert runtime.rundir.latest_checkpoint(out).name == "checkpoint-4"
 
     resumed = run_train(args + ["--resume", "latest"], replicas=replicas)
