@@ -54,20 +54,18 @@ def load_corpus(cfg, tokenizer, progress=True):
     return features
 
 
-def loaders(train_features, val_features, cfg, pad_token_id, backend, packed, at_targets,
-            grad_accum_steps):
+def loaders(train_features, val_features, cfg, pad_token_id, backend, packed, grad_accum_steps):
     """(the training batches' order, the training loader, the validation loader) for one
-    replica of `backend`. `at_targets`: batches list the positions where the loss needs
-    logits (see ReviewBatches)."""
+    replica of `backend`."""
     train_batches = TrainBatches(len(train_features), cfg.batch_size, backend.world_size,
                                  backend.rank, cfg.seed,
                                  train_features.lengths if cfg.group_by_length else None)
     train_set = ReviewBatches(train_features, pad_token_id, backend.fixed_shapes,
-                              cfg.batch_size, packed, at_targets)
+                              cfg.batch_size, packed)
     if packed and backend.fixed_shapes:  # XLA: one graph for all replicas and micro-batches
         train_batches.agree_on_rows(train_set.rows_for, grad_accum_steps)
     val_set = ReviewBatches(val_features, pad_token_id, backend.fixed_shapes, cfg.batch_size,
-                            packed, at_targets)
+                            packed)
     val_batches = eval_batches(len(val_features), cfg.batch_size, backend.world_size,
                                backend.rank, cfg.eval_size)
     return (train_batches,
@@ -99,14 +97,10 @@ class ReviewBatches(torch.utils.data.Dataset):
     batches are always `batch_size` rows of `max_seq_length` (extra rows are all padding),
     packed ones round their row count up to a multiple of PACKED_ROWS_STEP, or take the
     count they are given with their indices (see `rows_for`). Otherwise a padded batch is
-    cut to its longest example.
+    cut to its longest example, and "target_positions" lists the flat indices of the
+    positions that predict a real token, where the loss needs logits."""
 
-    `at_targets` (unset: where shapes are not fixed) adds "target_positions", the flat
-    indices of the positions that predict a real token: the loss needs logits there alone."""
-
-    def __init__(self, features, pad_token_id, fixed_shape, batch_size, packed=False,
-                 at_targets=None):
-        self.at_targets = not fixed_shape if at_targets is None else at_targets
+    def __init__(self, features, pad_token_id, fixed_shape, batch_size, packed=False):
         self.features = features
         self.pad_token_id = pad_token_id
         self.fixed_shape = fixed_shape
@@ -120,7 +114,7 @@ class ReviewBatches(torch.utils.data.Dataset):
         indices, rows = item if isinstance(item, tuple) else (item, None)
         indices = torch.as_tensor(indices, dtype=torch.long)
         batch = self.packed_batch(indices, rows) if self.packed else self.padded_batch(indices)
-        if self.at_targets:  # where the loss needs logits: before each real token
+        if not self.fixed_shape:  # where the loss needs logits: before each real token
             batch["target_positions"] = F.pad(batch["labels"][:, 1:] != -100,
                                               (0, 1)).flatten().nonzero()[:, 0]
         return batch

@@ -160,6 +160,7 @@ def splits_off_output_layer(model):
     most causal LMs, not of BERT as a decoder, which transforms the states first, nor of
     models whose forward has no `logits_to_keep`. Tried once on a short input, without
     dropout, and remembered on the model."""
+    model = unwrapped(model)
     if not hasattr(model, "output_layer_splits_off"):
         training = model.training
         ids = torch.tensor([[0, 1, 2]], device=model.device)

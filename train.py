@@ -48,12 +48,12 @@ from task.nsmc import NsmcTask, TaskConfig
 def token_loss_sum(model, batch):
     """Summed next-token cross-entropy over the real tokens of `batch`, padded or packed."""
     targets = F.pad(batch["labels"][:, 1:], (0, 1), value=-100).flatten()  # i predicts i+1
-    where = batch.get("target_positions")  # positions before a real token; None on XLA
-    if where is None:  # one fixed shape: the output layer everywhere
-        logits = model(**model_inputs(model, batch)).logits.flatten(0, 1)
-    else:
+    where = batch.get("target_positions")  # positions before a real token (not on XLA)
+    if where is not None and splits_off_output_layer(model):
         hidden = model(**model_inputs(model, batch), **WITHOUT_LOGITS).hidden_states[-1]
         logits, targets = output_layer_at(model, hidden, where), targets[where]
+    else:  # the output layer everywhere: XLA's fixed shapes, or a head that is more than it
+        logits = model(**model_inputs(model, batch)).logits.flatten(0, 1)
     return F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
 
 
@@ -74,10 +74,11 @@ def train_step(model, optimizer, scheduler, window, backend, step, max_grad_norm
     n_tokens = backend.all_reduce_sum(sum(count_targets(batch) for batch in window))
     loss_sum = torch.zeros((), device=backend.device)
     for batch in window:
-        with backend.autocast(), backend.gradient_sync(model, batch is window[-1]):
-            batch_loss = loss_fn(model, batch)
-        # Replica gradients are averaged, so each replica scales its share by world_size.
-        (batch_loss * backend.world_size / n_tokens).backward()
+        with backend.gradient_sync(model, batch is window[-1]):  # DDP: in the last one only
+            with backend.autocast():
+                batch_loss = loss_fn(model, batch)
+            # Replica gradients are averaged, so each replica scales its share by world_size.
+            (batch_loss * backend.world_size / n_tokens).backward()
         loss_sum += batch_loss.detach()
     backend.reduce_gradients(optimizer)  # all-reduce: every replica now holds the mean
     torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
@@ -157,10 +158,9 @@ def train(backend, cfg):
     model = load_model(str(checkpoint or cfg.pretrained_model_name), tokenizer,
                        device=backend.device).train()
     packed = not cfg.no_packing and packs_reviews(model)
-    at_targets = not backend.fixed_shapes and splits_off_output_layer(model)
     train_batches, train_loader, val_loader = data.loaders(
         train_features, val_features, cfg.data, tokenizer.pad_token_id, backend, packed,
-        at_targets, cfg.grad_accum_steps)
+        cfg.grad_accum_steps)
     replica = backend.distribute(model)  # what the step runs through: DDP under torchrun
     optimizer = backend.optimizer(param_groups(model, cfg.weight_decay), cfg.learning_rate)
     warmup = sched.warmup_steps_for(total_steps, cfg.warmup_ratio, cfg.warmup_steps)

@@ -346,7 +346,7 @@ class TorchrunBackend(Backend):
         return contextlib.nullcontext() if sync else model.no_sync()
 
     def reduce_gradients(self, optimizer):
-        pass  # DDP averaged them in the backward (micro_batches)
+        pass  # DDP averaged them in the backward (gradient_sync)
 
     def all_reduce_sum(self, tensor):
         tensor = tensor.clone()  # all_reduce works in place

@@ -29,6 +29,9 @@ def run_process(train, cfg, kind, agreed=()):
     try:
         train(backend, cfg)
     except agreed as error:
+        # The traceback holds train()'s frame and so DDP, whose reducer must be gone before
+        # the process group it uses: drop the frames' locals (the lines stay for --debug).
+        traceback.clear_frames(error.__traceback__)
         # Leaving together. Once one process has left, torchrun sends SIGTERM to the others:
         # with nothing left to save, it must not end them as a second signal would.
         for signum in (signal.SIGINT, signal.SIGTERM):

@@ -47,6 +47,10 @@ class LossMeter:
             self.started += time.perf_counter() - started
 
     def add(self, loss_sum, tokens):
+        """Add a step's sums. Raises NonFiniteLoss once a report has seen a non-finite loss:
+        on XLA a report is read after the next step's graph has run, so here, a step later."""
+        if self.nonfinite:
+            raise NonFiniteLoss(self.nonfinite)
         self.step += 1
         new_bad = ~torch.isfinite(loss_sum) & (self.first_bad_step == 0)
         self.first_bad_step = torch.where(new_bad, self.step, self.first_bad_step)

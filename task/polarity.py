@@ -42,12 +42,11 @@ class PolarityBatches(data.ReviewBatches):
     """Batches of reviews without their polarity word (see `strip_polarity`), and under
     "polarity" each row's label: -1 on the all-padding rows that fixed shapes add. Every
     real token is scored, the first one too (after the polarity word that `review_log_prob`
-    puts in front): "review_positions" lists them all when `at_targets` (see ReviewBatches)."""
+    puts in front): "review_positions" lists them all, but for fixed shapes."""
 
-    def __init__(self, features, tokenizer, max_examples, fixed_shape, batch_size,
-                 at_targets=None):
+    def __init__(self, features, tokenizer, max_examples, fixed_shape, batch_size):
         super().__init__(strip_polarity(features, tokenizer, max_examples),
-                         tokenizer.pad_token_id, fixed_shape, batch_size, at_targets=at_targets)
+                         tokenizer.pad_token_id, fixed_shape, batch_size)
 
     def __getitem__(self, indices):
         batch = super().__getitem__(indices)
@@ -66,7 +65,7 @@ def review_log_prob(model, prefix, batch):
     input_ids = torch.cat([prefix, batch["input_ids"]], dim=1)
     attention_mask = torch.cat([torch.ones_like(prefix), batch["attention_mask"]], dim=1)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if "review_positions" not in batch:  # XLA: every position, one shape
+    if "review_positions" not in batch or not splits_off_output_layer(model):  # every position
         targets = torch.cat([torch.full_like(prefix, -100), batch["labels"]], dim=1)
         logits = model(**inputs).logits
         # Position t predicts token t+1; -100 (the prefix, padding) scores 0.
@@ -107,9 +106,7 @@ def polarity_accuracy(model, tokenizer, features, backend, batch_size, max_examp
     whose polarity the model (in eval mode) gets right. Every replica of `backend` (see
     runtime/backends.py) scores its share, in batches of one shape on XLA, and the counts
     are summed."""
-    at_targets = not backend.fixed_shapes and splits_off_output_layer(model)
-    dataset = PolarityBatches(features, tokenizer, max_examples, backend.fixed_shapes, batch_size,
-                              at_targets)
+    dataset = PolarityBatches(features, tokenizer, max_examples, backend.fixed_shapes, batch_size)
     index_batches = data.eval_batches(len(dataset), batch_size, backend.world_size, backend.rank)
     loader = data.make_loader(dataset, index_batches, workers, backend.pin_memory)
     batches = tqdm(backend.feed(loader), "polarity accuracy", len(loader), leave=False,

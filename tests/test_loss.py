@@ -117,8 +117,7 @@ def test_a_model_whose_head_is_more_than_its_output_layer_uses_its_own_logits(ti
                                                                               tokenizer,
                                                                               features):
     # A model that transforms the hidden states before its output layer (BERT as a decoder
-    # does) is found out, and train.py then asks for batches without target positions: the
-    # loss takes the model's own logits, so it stays right.
+    # does) is found out at load, and the loss takes the model's own logits: it stays right.
     model = load_model(str(tiny_model), tokenizer).eval()
     reference = copy.deepcopy(model)
     output_layer = model.lm_head
@@ -126,9 +125,7 @@ def test_a_model_whose_head_is_more_than_its_output_layer_uses_its_own_logits(ti
     model.get_output_embeddings = lambda: output_layer
     del model.output_layer_splits_off
     assert not splits_off_output_layer(model)
-    batch = data.ReviewBatches(features, tokenizer.pad_token_id, False, 12,
-                               at_targets=splits_off_output_layer(model))[list(range(12))]
-    assert "target_positions" not in batch
+    batch = data.ReviewBatches(features, tokenizer.pad_token_id, False, 12)[list(range(12))]
     with torch.no_grad():
         torch.testing.assert_close(train.token_loss_sum(model, batch),
                                    full_logits_loss_sum(model, batch), rtol=1e-5, atol=1e-5)
