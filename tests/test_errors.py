@@ -116,8 +116,8 @@ def test_output_directory_that_cannot_be_written(train_args, tmp_path, capsys):
 def hold_lock(directory):
     """Another process holding the output directory, as a running training would."""
     code = (
-        "import sys, time, checkpoint; lock = checkpoint.exclusive(sys.argv[1]); lock.__enter__(); "
-        "print('locked', flush=True); time.sleep(600)"
+        "import sys, time; from runtime import rundir; lock = rundir.exclusive(sys.argv[1]); "
+        "lock.__enter__(); print('locked', flush=True); time.sleep(600)"
     )
     holder = subprocess.Popen(
         [sys.executable, "-c", code, str(directory)],
