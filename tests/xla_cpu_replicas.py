@@ -20,6 +20,11 @@ than one CPU device); `env(n)` below and `install()` deal with each:
    one collective need N of them at once: `XLA_THREAD_POOL_SIZE`.
 4. The asynchronous CPU client frees buffers in the thread that drops them, and blocks
    when a running collective still uses one: `PJRT_CPU_ASYNC_CLIENT=false`.
+5. Reads to the host (`.item()`, `.cpu()`, ...) run one at a time too, behind the same
+   lock, after the thread's own executions are done (so a read never waits on a peer).
+   Without that, one CI run of the 8-replica test died of SIGSEGV inside `.item()` while a
+   second replica thread was inside `.item()` as well (the first all-reduce,
+   `check_output_shared`); XLA:CPU's multi-device paths are not something pytorch/xla runs.
 
 A TPU needs none of this. The process loads this module at start-up through
 `tests/xla_cpu_site/sitecustomize.py` (on PYTHONPATH) when KOGPT2_TEST_XLA_REPLICAS=1, so
@@ -63,9 +68,11 @@ def _serialised_step_marker(step_marker, xlac):
 def _reads_after_a_sync(read, sync):
     @functools.wraps(read)
     def read_synced(self, *args, **kwargs):
-        if self.device.type == "xla":
-            sync()  # the pending graph compiles under the lock; the read then compiles nothing
-        return read(self, *args, **kwargs)
+        if self.device.type != "xla":
+            return read(self, *args, **kwargs)
+        sync()  # the pending graph compiles under the lock; the read then compiles nothing
+        with _compile_lock:
+            return read(self, *args, **kwargs)
     return read_synced
 
 
