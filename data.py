@@ -4,7 +4,8 @@ replicas, a resumed run continuing mid-epoch in the very same order, reviews pac
 end in rows or padded, and on XLA batches of few fixed shapes.
 
 Every batch is a slice of one pre-tokenized tensor: no per-example Python work while
-training. Padding is masked by length (attention 0, label -100), never by token id.
+training. Padding is masked by length (attention 0, label -100), never by token id, and an
+untrained prompt by its example's `trained_from` column (label -100).
 """
 import itertools
 import math
@@ -86,7 +87,8 @@ class ReviewBatches(torch.utils.data.Dataset):
     those of the padded batch, with the transformer's work on padding mostly gone. A
     packed batch has `review_ids` (which review of the batch each position holds, -1 on
     padding) and `position_ids` (restarting at 0 with each review) where a padded batch
-    has `attention_mask`. In both, `labels` is -100 on padding; in packed rows also at each
+    has `attention_mask`. In both, `labels` is -100 on padding and on an example's untrained
+    prompt (its columns before `features.trained_from`); in packed rows also at each
     review's first token, whose predecessor belongs to another review. (The loss predicts
     labels[:, 1:], so a row's first label is never a target.)
 
@@ -119,8 +121,15 @@ class ReviewBatches(torch.utils.data.Dataset):
                                               (0, 1)).flatten().nonzero()[:, 0]
         return batch
 
+    def trained_from(self, indices):
+        """The first trained column of each example of `indices` (0: all are trained)."""
+        if self.features.trained_from is None:
+            return torch.zeros(len(indices), dtype=torch.long)
+        return self.features.trained_from[indices].long()
+
     def padded_batch(self, indices):
         lengths = self.features.lengths[indices].long()
+        trained_from = self.trained_from(indices)
         width = self.features.input_ids.shape[1] if self.fixed_shape else int(lengths.max())
         input_ids = self.features.input_ids[indices, :width].long()
         if self.fixed_shape and len(indices) < self.batch_size:
@@ -128,10 +137,13 @@ class ReviewBatches(torch.utils.data.Dataset):
             input_ids = torch.cat([input_ids,
                                    input_ids.new_full((missing, width), self.pad_token_id)])
             lengths = torch.cat([lengths, lengths.new_zeros(missing)])
-        real = torch.arange(width) < lengths[:, None]
+            trained_from = torch.cat([trained_from, trained_from.new_zeros(missing)])
+        columns = torch.arange(width)
+        real = columns < lengths[:, None]
+        trained = real & (columns >= trained_from[:, None])
         return {"input_ids": input_ids,
                 "attention_mask": real.long(),
-                "labels": input_ids.masked_fill(~real, -100)}
+                "labels": input_ids.masked_fill(~trained, -100)}
 
     def rows_for(self, index_batches):
         """The rows, a multiple of PACKED_ROWS_STEP, that every one of `index_batches` fits
@@ -163,9 +175,12 @@ class ReviewBatches(torch.utils.data.Dataset):
         review_ids[where] = torch.arange(len(indices))[:, None].expand(-1, width)[real]
         position_ids = torch.zeros(rows * width, dtype=torch.long)
         position_ids[where] = offsets.expand(len(indices), -1)[real]
-        # No target at padding, nor at a review's first token: the token before it belongs
-        # to another review, which must not learn to predict it.
-        labels = input_ids.masked_fill((review_ids < 0) | (position_ids == 0), -100)
+        # No target at padding, on an untrained prompt, nor at a review's first token: the
+        # token before it belongs to another review, which must not learn to predict it.
+        first_target = torch.zeros(rows * width, dtype=torch.long)
+        first_target[where] = self.trained_from(indices).clamp(min=1)[:, None].expand(
+            -1, width)[real]
+        labels = input_ids.masked_fill((review_ids < 0) | (position_ids < first_target), -100)
         return {"input_ids": input_ids.view(rows, width),
                 "review_ids": review_ids.view(rows, width),
                 "position_ids": position_ids.view(rows, width),

@@ -46,9 +46,9 @@ from task.nsmc import NsmcTask, TaskConfig
 # --------------------------------------------------------------------------- the loss
 
 def token_loss_sum(model, batch):
-    """Summed next-token cross-entropy over the real tokens of `batch`, padded or packed."""
+    """Summed next-token cross-entropy over the trained tokens of `batch`, padded or packed."""
     targets = F.pad(batch["labels"][:, 1:], (0, 1), value=-100).flatten()  # i predicts i+1
-    where = batch.get("target_positions")  # positions before a real token (not on XLA)
+    where = batch.get("target_positions")  # positions before a trained token (not on XLA)
     if where is not None and splits_off_output_layer(model):
         hidden = model(**model_inputs(model, batch), **WITHOUT_LOGITS).hidden_states[-1]
         logits, targets = output_layer_at(model, hidden, where), targets[where]
@@ -66,7 +66,7 @@ def count_targets(batch):
 def train_step(model, optimizer, scheduler, window, backend, step, max_grad_norm,
                loss_fn=token_loss_sum):
     """Optimizer step `step` on `window`, this replica's micro-batches (on the device), with
-    the gradient of the mean loss over every real token of the global batch: each token
+    the gradient of the mean loss over every trained token of the global batch: each token
     weighs the same however tokens fall across micro-batches and replicas. Returns the
     global loss sum and token count, left on the device: reading them here would make XLA
     run the step's graph at once and wait for it."""
@@ -99,7 +99,7 @@ def param_groups(model, weight_decay):
 
 @torch.no_grad()
 def evaluate(model, val_loader, backend, task, loss_fn=token_loss_sum, final=False):
-    """Validation loss over every real token of the validation set (all replicas
+    """Validation loss over every trained token of the validation set (all replicas
     together), its perplexity, and what the task adds (`task.evaluate`)."""
     model.eval()
     loss_sum = torch.zeros((), device=backend.device)

@@ -148,7 +148,8 @@ def first(features, n):
     if n is None:
         return features
     return corpus_features.Features(
-        features.input_ids[:n], features.lengths[:n], features.labels[:n]
+        features.input_ids[:n], features.lengths[:n], features.labels[:n],
+        features.trained_from[:n]
     )
 
 

@@ -1,7 +1,12 @@
-"""Reviews as token ids, tokenized once and cached: `polarity review</s>` for a labelled
-corpus (`text</s>` without labels) in rows of `max_seq_length`, kept as plain tensors so that
-`torch.load` needs no pickle, and checked when read back (a cache cut short or damaged is
-tokenized again, never trained on)."""
+"""Examples as token ids, tokenized once and cached: `prompt response</s>` in rows of
+`max_seq_length`, with the first column that is trained (the prompt's tokens before it are
+labelled -100 in batches), kept as plain tensors so that `torch.load` needs no pickle, and
+checked when read back (a cache cut short or damaged is tokenized again, never trained on).
+
+Every corpus is prompt/response pairs (corpus/read.py's Pairs). A JSON Lines corpus gives
+them as they are: the prompt is context, not trained. NSMC's layouts are the tutorial's
+`polarity review</s>`: the polarity word is the prompt, trained as the tutorial trains it,
+and ` review` the response. Plain text is responses without a prompt."""
 import dataclasses
 import hashlib
 import itertools
@@ -14,22 +19,27 @@ import torch
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
-from corpus.read import read_corpus
+from corpus.read import Pairs, Reviews, read_corpus
 from runtime.errors import InputError, add_file_bytes, first_line, write_atomically
 
 POLARITY = {1: "긍정", 0: "부정"}        # the word each review is prefixed with
-CACHE_VERSION = 2                       # bump when the cached layout changes
+CACHE_VERSION = 3                       # bump when the cached layout changes
+NAMED_LEFT_OUT = 5                      # pairs left out that reports name by line
 
 
 @dataclass
 class Features:
-    """A split as fixed-width token ids: `input_ids[i, :lengths[i]]` is one example,
-    the rest of the row is padding."""
+    """A split as fixed-width token ids: `input_ids[i, :lengths[i]]` is one example, the
+    rest of the row is padding; its tokens from column `trained_from[i]` on are trained,
+    those before (an untrained prompt) are context only. `trained_from` None: all are."""
     input_ids: torch.Tensor   # int32 [N, max_seq_length]
     lengths: torch.Tensor     # int32 [N]
     labels: torch.Tensor      # int8 [N], the review's polarity; None without labels
+    trained_from: torch.Tensor = None  # int32 [N], 0 where every token is trained
     blank: int = 0
-    truncated: int = 0
+    truncated: int = 0        # examples cut to fit
+    left_out: int = 0         # pairs whose response does not fit (see `fit`)
+    left_out_lines: list = dataclasses.field(default_factory=list)  # the first few's lines
 
     def __len__(self):
         return len(self.lengths)
@@ -43,39 +53,90 @@ def min_seq_length(tokenizer):
     return prefix + 2
 
 
-def encode(reviews, tokenizer, max_seq_length, progress=False):
-    """`polarity review</s>` as token ids, or `text</s>` for a corpus without labels. The
-    review is cut to fit; `</s>` always stays, so the model learns where a review ends.
-    `progress`: show a progress bar (on a terminal only)."""
-    if reviews.labels is None:
-        prompts, labels = reviews.texts, None
-    else:
-        prompts = [f"{POLARITY[label]} {text}"
-                   for text, label in zip(reviews.texts, reviews.labels)]
-        labels = torch.tensor(reviews.labels, dtype=torch.int8)
-    pieces = token_ids(prompts, tokenizer, max_length=max_seq_length - 1, progress=progress)
+def as_pairs(corpus):
+    """`corpus` (what read_corpus returns) as Pairs. A labelled review is the tutorial's
+    `polarity review`: the prompt is the polarity word, the response the review after the
+    space that joins them (tokenized apart, they are the very tokens of the whole: the
+    tokenizer splits at spaces before it merges). The word stays trained: the tutorial
+    trains every token, and where the word is more than one token, leaving it out would
+    change the loss."""
+    if isinstance(corpus, Pairs):
+        return corpus
+    if corpus.labels is None:
+        return Pairs([""] * len(corpus.texts), corpus.texts, blank=corpus.blank)
+    return Pairs([POLARITY[label] for label in corpus.labels],
+                 [f" {text}" for text in corpus.texts], blank=corpus.blank,
+                 labels=corpus.labels, prompt_trained=True)
+
+
+def encode(corpus, tokenizer, max_seq_length, progress=False):
+    """Each example of `corpus` (Reviews or Pairs) as `prompt response</s>` token ids, cut
+    to fit `max_seq_length` (see `fit`); `</s>` always stays, so the model learns where a
+    response ends. `progress`: show a progress bar (on a terminal only)."""
+    pairs = as_pairs(corpus)
+    budget = max_seq_length - 1  # </s> takes the last position
+    prompts = prompt_token_ids(pairs.prompts, tokenizer, budget)
+    responses = token_ids(pairs.responses, tokenizer, max_seq_length, progress)
+    pieces, trained_from, kept, left_out, truncated = [], [], [], [], 0
+    for i, (prompt, response) in enumerate(zip(prompts, responses)):
+        fitted = fit(prompt, response, budget, pairs.prompt_trained)
+        if fitted is None:
+            left_out.append(pairs.lines[i] if pairs.lines else i + 1)
+            continue
+        truncated += fitted != (prompt, response)
+        pieces.append(fitted[0] + fitted[1])
+        trained_from.append(0 if pairs.prompt_trained else len(fitted[0]))
+        kept.append(i)
     lengths = torch.tensor([len(ids) for ids in pieces], dtype=torch.int32)
-    # One copy of every id into place, rather than a small tensor per review.
+    # One copy of every id into place, rather than a small tensor per example.
     flat = torch.tensor(list(itertools.chain.from_iterable(pieces)), dtype=torch.int32)
     input_ids = torch.full((len(pieces), max_seq_length), tokenizer.pad_token_id, dtype=torch.int32)
     input_ids[torch.arange(max_seq_length) < lengths[:, None]] = flat
     input_ids[torch.arange(len(pieces)), lengths.long()] = tokenizer.eos_token_id
-    lengths += 1
-    return Features(input_ids, lengths, labels,
-                    blank=reviews.blank, truncated=int((lengths == max_seq_length).sum()))
+    labels = (None if pairs.labels is None  # only pairs without labels are ever left out
+              else torch.tensor(pairs.labels, dtype=torch.int8)[kept])
+    return Features(input_ids, lengths + 1, labels,
+                    torch.tensor(trained_from, dtype=torch.int32), blank=pairs.blank,
+                    truncated=truncated, left_out=len(left_out),
+                    left_out_lines=left_out[:NAMED_LEFT_OUT])
 
 
-def token_ids(texts, tokenizer, max_length, progress=False, chunk=20_000):
-    """Each text's token ids, no special tokens, cut to `max_length` from the right (the
-    polarity word stays). The Rust tokenizer encodes each chunk of texts in parallel:
+def fit(prompt, response, budget, prompt_trained):
+    """(prompt, response) token ids cut to at most `budget` together, or None when the
+    response cannot fit. An untrained prompt is context: its start goes first, its end,
+    next to the response, stays; a response so long that not even the prompt's last token
+    fits before it is left out (an answer without its question would teach nothing). A
+    trained prompt (NSMC's polarity word) stays whole, and so does a response without a
+    prompt begin: the response's end is cut, as the tutorial cut long reviews."""
+    over = len(prompt) + len(response) - budget
+    if over <= 0:
+        return prompt, response
+    if prompt_trained or not prompt:
+        return prompt, response[:budget - len(prompt)]
+    if len(response) >= budget:
+        return None
+    return prompt[over:], response
+
+
+def prompt_token_ids(prompts, tokenizer, max_length):
+    """Each prompt's token ids, at most its last `max_length`; each distinct prompt is
+    tokenized once (NSMC's are two polarity words)."""
+    distinct = list(dict.fromkeys(prompts))
+    ids = dict(zip(distinct, token_ids(distinct, tokenizer, max_length, direction="left")))
+    return [ids[prompt] for prompt in prompts]
+
+
+def token_ids(texts, tokenizer, max_length, progress=False, chunk=20_000, direction="right"):
+    """Each text's token ids, no special tokens, cut to `max_length` (the tokens on the
+    `direction` side go). The Rust tokenizer encodes each chunk of texts in parallel:
     calling it directly skips the Python objects that `tokenizer(texts)` builds for every
     text, which took as long as the tokenizing itself (`encode_batch_fast` also skips the
     character offsets, which nothing here reads)."""
     rust = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())  # a copy to configure
     rust.no_padding()
-    rust.enable_truncation(max_length)
+    rust.enable_truncation(max_length, direction=direction)
     ids = []
-    with tqdm(total=len(texts), desc="tokenize", unit=" reviews", disable=not progress or None,
+    with tqdm(total=len(texts), desc="tokenize", unit=" examples", disable=not progress or None,
               dynamic_ncols=True) as bar:
         for start in range(0, len(texts), chunk):
             encodings = rust.encode_batch_fast(texts[start:start + chunk], add_special_tokens=False)
@@ -86,12 +147,13 @@ def token_ids(texts, tokenizer, max_length, progress=False, chunk=20_000):
 
 def cache_path(cache_dir, corpus_file, tokenizer, max_seq_length):
     """The cache file for one corpus file, keyed by everything that changes its features:
-    the file's bytes (which also decide its layout, and so whether reviews get a polarity
-    word), the polarity words, the tokenizer (its full definition) and `max_seq_length`."""
+    the file's bytes and suffix (which decide its layout, and so whether reviews get a
+    polarity word or prompts go untrained), the polarity words, the tokenizer (its full
+    definition) and `max_seq_length`."""
     key = add_file_bytes(hashlib.sha256(), corpus_file)
     key.update(tokenizer_fingerprint(tokenizer).encode())
     key.update(f"{POLARITY}|{max_seq_length}|{tokenizer.eos_token_id}|"
-               f"{tokenizer.pad_token_id}|{CACHE_VERSION}".encode())
+               f"{tokenizer.pad_token_id}|{Path(corpus_file).suffix}|{CACHE_VERSION}".encode())
     return Path(cache_dir).expanduser() / f"{Path(corpus_file).stem}-{key.hexdigest()[:16]}.pt"
 
 
@@ -121,12 +183,20 @@ def load_features(corpus_file, tokenizer, max_seq_length, cache_dir, progress=Fa
 
 
 def tokenize(corpus_file, tokenizer, max_seq_length, progress=False):
-    """Read `corpus_file` and turn its reviews into features."""
-    reviews = read_corpus(corpus_file)
-    if not reviews.texts:
+    """Read `corpus_file` and turn its examples into features."""
+    corpus = read_corpus(corpus_file)
+    if isinstance(corpus, Reviews) and not corpus.texts:
         raise InputError(f"{corpus_file}: no reviews with text; the file holds only a header "
                          f"or blank reviews")
-    return encode(reviews, tokenizer, max_seq_length, progress)
+    if isinstance(corpus, Pairs) and not corpus.responses:
+        raise InputError(f"{corpus_file}: no examples; every line is blank or has a blank "
+                         f"response or text")
+    features = encode(corpus, tokenizer, max_seq_length, progress)
+    if not len(features):
+        raise InputError(f"{corpus_file}: no response fits in --max_seq_length "
+                         f"{max_seq_length} after at least the last token of its prompt; "
+                         f"raise --max_seq_length")
+    return features
 
 
 def read_cache(path, corpus_file, tokenizer, max_seq_length):
@@ -171,8 +241,14 @@ def cache_layout_problem(saved, max_seq_length):
         return f"lengths is not an int32 tensor [{len(ids)}], one per row of input_ids"
     if labels is not None and not is_tensor(labels, torch.int8, (len(ids),)):
         return f"labels is neither None nor an int8 tensor [{len(ids)}]"
-    if not all(type(saved[name]) is int and saved[name] >= 0 for name in ("blank", "truncated")):
-        return "blank or truncated is not a count"
+    if not is_tensor(saved["trained_from"], torch.int32, (len(ids),)):
+        return f"trained_from is not an int32 tensor [{len(ids)}], one per row of input_ids"
+    counts = ("blank", "truncated", "left_out")
+    if not all(type(saved[name]) is int and saved[name] >= 0 for name in counts):
+        return f"{', '.join(counts)} are not all counts"
+    lines = saved["left_out_lines"]
+    if not (isinstance(lines, list) and all(type(n) is int and n > 0 for n in lines)):
+        return "left_out_lines is not a list of line numbers"
     return None
 
 
@@ -187,6 +263,10 @@ def cache_value_problem(saved, tokenizer):
     last_ids = ids.gather(1, lengths[:, None].long() - 1)
     if not in_range(last_ids, tokenizer.eos_token_id, tokenizer.eos_token_id):
         return "an example does not end with </s> at its length"
+    trained_from = saved["trained_from"]
+    if not (in_range(trained_from, 0, ids.shape[1])
+            and in_range(lengths - trained_from, 1, ids.shape[1])):
+        return "trained_from outside 0..length - 1 (</s> is always trained)"
     if labels is not None and not in_range(labels, 0, 1):
         return "labels other than 0 and 1"
     return None

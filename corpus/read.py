@@ -1,8 +1,9 @@
 """Corpus files: found where the tutorial keeps them (NSMC downloaded with Korpora, only
 the files that are missing) or given by name, and read strictly: NSMC's TSV, two-column
-`document<TAB>label` files, or plain text, each line checked, a bad one named by file and
-line."""
+`document<TAB>label` files, plain text, or prompt/response pairs in JSON Lines, each line
+checked, a bad one named by file and line."""
 import contextlib
+import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -88,8 +89,26 @@ class Reviews:
     blank: int = 0        # reviews skipped because their text is empty
 
 
+@dataclass
+class Pairs:
+    """Examples as a prompt and its response, each trained as `prompt response</s>`: the
+    response and `</s>` always, the prompt only when `prompt_trained` (otherwise its tokens
+    are context, labelled -100). corpus/features.py says how a pair too long is cut."""
+    prompts: list            # "" where there is none: the response is trained alone
+    responses: list
+    lines: list = None       # each pair's line in its file, to name it in reports
+    blank: int = 0           # lines skipped: blank, or with a blank response
+    labels: list = None      # NSMC's polarity labels (1 positive, 0 negative), else None
+    prompt_trained: bool = False
+
+
+JSONL_SUFFIX = ".jsonl"
+JSONL_EXAMPLE = '{"prompt": "...", "response": "..."}'
+
+
 def read_corpus(path):
-    """Read a corpus file strictly, in the layout its first line shows:
+    """Read a corpus file strictly: a `.jsonl` file as prompt/response pairs (see
+    `read_jsonl`), any other in the layout its first line shows:
 
     - NSMC: the header `id<TAB>document<TAB>label`, then three fields a line;
     - two columns: `document<TAB>label` lines, the first of them either that very header
@@ -101,6 +120,8 @@ def read_corpus(path):
     Fields are split on tabs with no quoting (reviews contain `"`); labels are 0 or 1.
     A UTF-8 BOM and CRLF line endings are accepted; blank texts are skipped and counted;
     anything else names its line."""
+    if Path(path).suffix == JSONL_SUFFIX:
+        return read_jsonl(path)
     lines = read_lines(path)
     numbered = list(enumerate(lines, start=1))
     first = lines[0].split("\t")
@@ -174,3 +195,66 @@ def read_plain(path, numbered):
             continue
         reviews.texts.append(line)
     return reviews
+
+
+def read_jsonl(path):
+    """Pairs from JSON Lines: one object a line, `{"prompt": ..., "response": ...}`, or
+    `{"text": ...}` alone for a text trained whole (no prompt). Other keys are ignored.
+    Blank lines, and lines whose response or text is blank, are skipped and counted; a line
+    that is no such object is named, with what is wrong."""
+    if Path(path).stat().st_size == 0:  # before read_lines, whose message is for NSMC's TSV
+        raise InputError(f"{path}: the file is empty; expected one JSON object a line, such "
+                         f"as {JSONL_EXAMPLE}")
+    pairs = Pairs([], [], lines=[])
+    for number, line in enumerate(read_lines(path), start=1):
+        if not line.strip():
+            pairs.blank += 1
+            continue
+        prompt, response = pair_of(json_object(path, number, line), f"{path}:{number}")
+        if not response.strip():
+            pairs.blank += 1
+            continue
+        pairs.prompts.append(prompt)
+        pairs.responses.append(response)
+        pairs.lines.append(number)
+    return pairs
+
+
+def json_object(path, number, line):
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{number}: not JSON ({e.msg} at column {e.colno}); write "
+                         f"one object a line, such as {JSONL_EXAMPLE}") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{path}:{number}: expected a JSON object, found {json_kind(value)}; "
+                         f"write one object a line, such as {JSONL_EXAMPLE}")
+    return value
+
+
+def pair_of(value, where):
+    """(prompt, response) of one line's object `value`; `where` names the line."""
+    if "text" in value and ("prompt" in value or "response" in value):
+        raise InputError(f'{where}: both "text" and "prompt"/"response"; give a pair, or '
+                         f'"text" alone for a text trained whole')
+    keys = ["text"] if "text" in value else ["prompt", "response"]
+    for key in keys:
+        if key not in value:
+            raise InputError(f'{where}: no "{key}" key; each line needs "prompt" and '
+                             f'"response", or "text" alone')
+        if not isinstance(value[key], str):
+            raise InputError(f'{where}: "{key}" must be a string, found '
+                             f'{json_kind(value[key])}')
+        try:
+            value[key].encode("utf-8")
+        except UnicodeEncodeError:  # json.loads lets \ud800 through; the tokenizer cannot
+            raise InputError(f'{where}: "{key}" holds a \\u escape that is no character (a '
+                             f'lone surrogate); fix the escape') from None
+    return ("", value["text"]) if keys == ["text"] else (value["prompt"], value["response"])
+
+
+def json_kind(value):
+    """What a JSON value is, for error messages."""
+    kinds = [(bool, "true or false"), (str, "a string"), ((int, float), "a number"),
+             (list, "an array"), (dict, "an object"), (type(None), "null")]
+    return next(kind for types, kind in kinds if isinstance(value, types))

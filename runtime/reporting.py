@@ -247,6 +247,8 @@ def print_banner(settings, backend, train_features, val_features, steps_per_epoc
     s = settings
     global_batch = s["batch_size"] * backend.world_size * s["grad_accum_steps"]
     words = ("긍정 or 부정 before each review" if train_features.labels is not None
+             else "none (prompt/response pairs: the loss on the responses)"
+             if trains_responses_only(train_features)
              else "none (no labels: plain language modelling)")
     polarity_size = (min(s["polarity_eval_size"], len(val_features))
                      if train_features.labels is not None else 0)
@@ -267,7 +269,27 @@ def print_banner(settings, backend, train_features, val_features, steps_per_epoc
         f"{warmup:,} warm-up, peak lr {s['learning_rate']:g}",
         f"output:           {s['downstream_model_dir']}",
     ]
+    for features, flag in ((train_features, "train_file"), (val_features, "val_file")):
+        if features.left_out:
+            lines.append(left_out_line(features, s[flag], s["max_seq_length"]))
     if checkpoint:
         lines.append(f"resuming:         {checkpoint} (step {progress.step}, "
                      f"epoch {progress.epoch + 1})")
     print("\n".join(lines), flush=True)
+
+
+def trains_responses_only(features):
+    """Whether some example of `features` has an untrained prompt."""
+    return features.trained_from is not None and bool((features.trained_from > 0).any())
+
+
+def left_out_line(features, corpus_file, max_seq_length):
+    """The banner's line on the pairs of `corpus_file` left out as too long, the first
+    few named by line."""
+    named = ", ".join(f"{corpus_file}:{line}" for line in features.left_out_lines)
+    more = features.left_out - len(features.left_out_lines)
+    if more:
+        named += f" and {more:,} more"
+    return (f"left out:         {features.left_out:,} of {corpus_file}, their response too "
+            f"long for --max_seq_length {max_seq_length} ({named}); raise --max_seq_length "
+            f"to train on them")

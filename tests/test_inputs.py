@@ -168,6 +168,12 @@ FOREIGN_CONTENTS = {
     "label-2": lambda f: saved(f, labels=f.labels + 2),
     "labels-as-list": lambda f: saved(f, labels=f.labels.tolist()),
     "blank-as-text": lambda f: saved(f, blank="0"),
+    "version-2-layout": lambda f: {k: v for k, v in vars(f).items()
+                                   if k not in ("trained_from", "left_out", "left_out_lines")},
+    "int64-trained-from": lambda f: saved(f, trained_from=f.trained_from.long()),
+    "eos-untrained": lambda f: saved(f, trained_from=f.lengths),
+    "negative-trained-from": lambda f: saved(f, trained_from=f.trained_from - 1),
+    "left-out-lines-as-text": lambda f: saved(f, left_out_lines="2, 5"),
     "no-rows": lambda f: saved(f, input_ids=f.input_ids[:0], lengths=f.lengths[:0],
                                labels=f.labels[:0]),
 }
