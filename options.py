@@ -91,7 +91,8 @@ def parse_args(argv=None):
                    help="where tokenized corpora are cached")
     p.add_argument("--train_file", default=None,
                    help="your own corpus instead of NSMC, with --val_file: NSMC's layout, "
-                        "'document<TAB>label' lines, or plain text (no labels, no polarity word)")
+                        "'document<TAB>label' lines, plain text (no labels, no polarity word), "
+                        "or a .jsonl file of prompt/response pairs (the loss on the responses)")
     p.add_argument("--val_file", default=None, help="the validation file of --train_file")
     p.add_argument("--eval_size", type=int, default=2000,
                    help="validation reviews (spread over the file) whose loss each evaluation "
