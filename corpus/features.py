@@ -81,7 +81,7 @@ def encode(corpus, tokenizer, max_seq_length, progress=False):
     for i, (prompt, response) in enumerate(zip(prompts, responses)):
         fitted = fit(prompt, response, budget, pairs.prompt_trained)
         if fitted is None:
-            left_out.append(pairs.lines[i] if pairs.lines else i + 1)
+            left_out.append(pairs.lines[i] if pairs.lines else i + 1)  # else its number
             continue
         truncated += fitted != (prompt, response)
         pieces.append(fitted[0] + fitted[1])
@@ -106,8 +106,8 @@ def fit(prompt, response, budget, prompt_trained):
     response cannot fit. An untrained prompt is context: its start goes first, its end,
     next to the response, stays; a response so long that not even the prompt's last token
     fits before it is left out (an answer without its question would teach nothing). A
-    trained prompt (NSMC's polarity word) stays whole, and so does a response without a
-    prompt begin: the response's end is cut, as the tutorial cut long reviews."""
+    trained prompt (NSMC's polarity word) stays whole and the response's end is cut, as the
+    tutorial cut long reviews; so is a text without a prompt."""
     over = len(prompt) + len(response) - budget
     if over <= 0:
         return prompt, response
