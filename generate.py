@@ -26,6 +26,7 @@ import sys
 
 import options
 from options import default_cache_dir
+from runtime.errors import print_on_any_terminal
 from task import GUIDANCE, SAMPLING
 
 
@@ -99,6 +100,7 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
+    print_on_any_terminal()  # before --help, whose text holds Hangul
     parse_args()  # --help and a mistyped flag answered before torch loads
     options.keep_xla_unloaded("cpu")  # sampling never runs on XLA (see above)
 

@@ -35,7 +35,7 @@ from runtime.checkpoint import (CheckpointConfig, corpus_digest, export_best, re
                                 save_checkpoint)
 from runtime.errors import CheckpointError, InputError, NonFiniteLoss
 from runtime.launch import run_process, spawn_replicas
-from runtime.progress import Milestones, Progress
+from runtime.progress import Milestones, Progress, planned_steps
 from runtime.reporting import LossMeter, MetricsLog, Plan, print_banner, print_evaluation
 from runtime.rundir import (agreed_checkpoint, check_fresh_start, check_output_shared,
                             exclusive, find_resume_checkpoint, master_writes)
@@ -152,7 +152,7 @@ def train(backend, cfg):
     train_features, val_features = data.load_corpus(cfg.data, tokenizer, backend.is_master)
     batches_per_epoch, steps_per_epoch = data.replica_steps(
         len(train_features), cfg.data.batch_size, backend.world_size, cfg.grad_accum_steps)
-    total_steps = min(steps_per_epoch * cfg.epochs, cfg.max_steps or math.inf)
+    total_steps = planned_steps(steps_per_epoch, cfg.epochs, cfg.max_steps, backend.is_master)
     check_output_shared(backend, out)
     checkpoint = agreed_checkpoint(backend, cfg.checkpoint.resume, out)
     model = load_model(str(checkpoint or cfg.pretrained_model_name), tokenizer,
