@@ -22,7 +22,8 @@ def test_cpu_run_learns_and_saves_a_loadable_model(train_args, tmp_path):
     result = run_train(train_args + ["--epochs", "3", "--keep_checkpoints", "2",
                                      "--max_steps", "100"], env={"PYTHONIOENCODING": "ascii"})
     assert result.returncode == 0, result.stderr
-    assert "device:           cpu" in result.stdout and "polarity word:    ?? or ??" in result.stdout
+    assert "device:           cpu" in result.stdout
+    assert "polarity word:    ?? or ??" in result.stdout
     # --max_steps beyond the 3 epochs: one warning, and the epochs decide.
     assert ("warning: --max_steps 100 is more than the 48 steps of --epochs 3 (16 per epoch): "
             "the run stops after 48; raise --epochs to train longer") in result.stderr
