@@ -110,7 +110,7 @@ from corpus.features import POLARITY, load_features  # noqa: E402
 from corpus.read import NSMC_FILES, corpus_files, given_file  # noqa: E402
 from model import load_model, load_tokenizer, max_positions  # noqa: E402
 from runtime.backends import Backend, choose_device  # noqa: E402
-from runtime.errors import InputError  # noqa: E402
+from runtime.errors import InputError, not_utf8  # noqa: E402
 from task.generation import control_accuracy, other_word, prompt_ids, write_reviews  # noqa: E402
 from task.nsmc import judge_of  # noqa: E402
 from task.polarity import polarity_accuracy  # noqa: E402
@@ -123,6 +123,10 @@ def polarity_words(polarity):
 
 def check_args(args):
     """Reject values that cannot work, naming the flag, before the model loads."""
+    for name in ["polarity", "prompt"]:
+        if not_utf8(getattr(args, name)):
+            raise InputError(f"--{name} is not UTF-8 (a terminal in cp949 or euc-kr sends "
+                             f"other bytes); give it in UTF-8")
     if args.polarity not in [*POLARITY.values(), "both", "none"]:
         raise InputError(f"--polarity {args.polarity}: choose 긍정 (positive), 부정 (negative), "
                          f"both, or none")

@@ -30,6 +30,12 @@ def print_on_any_terminal():
     os.environ["PYTHONIOENCODING"] = f"{encoding}:replace"
 
 
+def not_utf8(argument):
+    """Whether a command-line argument came as bytes that are not UTF-8: Python keeps each
+    such byte as a lone surrogate (U+DC80 to U+DCFF), which no tokenizer or file takes."""
+    return any("\udc80" <= char <= "\udcff" for char in argument)
+
+
 def first_line(error):
     """The first line of `error`'s message (its type's name when it has none), cut to 200
     characters: enough to say what went wrong inside one line of ours."""

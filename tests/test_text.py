@@ -2,13 +2,18 @@
 Hangul character too), a terminal that cannot show Hangul, text that is not UTF-8."""
 import io
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 from conftest import ROOT
 
+import generate
 import runtime.errors
+from corpus.read import read_corpus
+from model import load_tokenizer
+from runtime.errors import InputError
 from runtime.reporting import MetricsLog
 
 EVENTS = [{"event": "eval", "val_loss": 5.0, "samples": {"긍정": "최고의 영화", "부정": "지루했다"}},
@@ -68,3 +73,39 @@ def test_generate_help_on_a_terminal_that_is_not_utf8(encoding):
                             capture_output=True, env={**os.environ, "PYTHONIOENCODING": encoding})
     assert result.returncode == 0 and result.stderr == b"", result.stderr.decode()
     assert "--polarity" in result.stdout.decode(encoding, errors="strict")
+
+
+# --------------------------------------------------------------------------- not UTF-8
+
+def test_a_prompt_that_is_not_utf8_is_one_line(tiny_model, capsys):
+    # What Python makes of cp949 bytes for "이 영" in argv: one lone surrogate a byte.
+    prompt = "이 영".encode("cp949").decode("utf-8", "surrogateescape")
+    status = generate.main(["--downstream_model_dir", str(tiny_model), "--device", "cpu",
+                            "--prompt", prompt, "--num_samples", "1"])
+    out, err = capsys.readouterr()
+    assert status == 1 and out == ""
+    assert err == ("error: --prompt is not UTF-8 (a terminal in cp949 or euc-kr sends other "
+                   "bytes); give it in UTF-8\n")
+
+
+def test_a_corpus_file_in_cp949_says_how_to_convert_it(tmp_path):
+    path = tmp_path / "reviews.tsv"
+    path.write_bytes("document\tlabel\n최고의 영화\t1\n".encode("cp949"))
+    with pytest.raises(InputError) as error:
+        read_corpus(path)
+    assert str(error.value) == (f"{path}:2: byte 0xc3 is not UTF-8; re-save the file as UTF-8 "
+                                f"(it reads as cp949/euc-kr: iconv -f cp949 -t utf-8 {path} > "
+                                f"utf8.txt)")
+
+
+@pytest.mark.parametrize("cut", ["inside a character", "after a character"])
+def test_a_tokenizer_json_cut_short_is_one_line(tiny_model, tmp_path, cut):
+    directory = tmp_path / "model"
+    shutil.copytree(tiny_model, directory)
+    data = (directory / "tokenizer.json").read_bytes()
+    hangul = data.index("영".encode())
+    (directory / "tokenizer.json").write_bytes(data[:hangul + (1 if cut == "inside a character" else 3)])
+    with pytest.raises(InputError) as error:
+        load_tokenizer(str(directory), flag="--downstream_model_dir")
+    assert str(error.value).startswith(f"--downstream_model_dir {directory}: tokenizer.json "
+                                       f"does not load (")
