@@ -42,7 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--tpu_cores", type=int, choices=[0, 1, 8], default=None,
                    help="8: every core of the TPU host, 1: one core, 0: no TPU; "
-                        "unset: --device decides")
+                        "unset: --device decides (1 and 8 need a TPU; --device xla "
+                        "--tpu_cores 1: one XLA replica on the CPU)")
     p.add_argument("--cpu_workers", type=int, default=0,
                    help="DataLoader worker processes; batches are slices of one "
                         "pre-tokenized tensor, so 0 is fastest")
@@ -54,8 +55,8 @@ def parse_args(argv=None):
                    help="unset: bf16 on TPUs, on GPUs that support it and on CPUs with AMX "
                         "(Intel Xeon from Sapphire Rapids on), fp32 otherwise")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the forward pass and the loss together (CUDA and CPU; "
-                        "XLA compiles every step anyway)")
+                   help="torch.compile the forward pass and the loss together (CUDA and CPU, "
+                        "with a C++ compiler; refused on XLA, which compiles every step anyway)")
     p.add_argument("--no_packing", action="store_true",
                    help="pad each batch's reviews to a rectangle instead of packing them end "
                         "to end in fewer rows (the same training either way; packing skips "

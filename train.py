@@ -273,7 +273,7 @@ def main(argv=None):
     try:
         check_args(args)
         cfg = config(args)
-        kind = choose_device(args.device, args.tpu_cores)
+        kind = choose_device(args.device, args.tpu_cores, args.compile)
         with exclusive(cfg.checkpoint.downstream_model_dir):  # one lock per host
             if first_on_host():  # torchrun runs main in every process: the others wait
                 prepare(cfg)
