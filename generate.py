@@ -238,7 +238,8 @@ def print_evaluation(args, model, tokenizer):
         print("control accuracy: not measured: give --train_file, the labelled file the "
               "judge learns from", flush=True)
         return
-    judge = judge_of(train_file, val_file, args.cache_dir)
+    judge = judge_of(train_file, val_file, args.cache_dir,
+                     skip="--control_samples 0 measures polarity accuracy alone")
     accuracy, _ = control_accuracy(model, tokenizer, judge, args.control_samples, args.seed,
                                    args.guidance, sampling_settings(args))
     print(f"control accuracy: {accuracy:.4f} of {2 * args.control_samples:,} reviews written "
