@@ -91,8 +91,8 @@ def only_positive(path):
                     encoding="utf-8")
 
 
-def test_a_refusal_for_the_judges_sake_names_the_flag_that_skips_it(train_args, corpus,
-                                                                   tiny_model, tmp_path, capsys):
+def test_a_refusal_for_the_judges_sake_names_the_flag_that_skips_it(
+        train_args, corpus, tiny_model, tmp_path, capsys):
     folder = corpus / "nsmc"
     train_file, val_file = folder / "ratings_train.txt", folder / "ratings_test.txt"
     only_positive(train_file)
