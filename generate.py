@@ -111,6 +111,7 @@ from corpus.read import NSMC_FILES, corpus_files, given_file  # noqa: E402
 from model import load_model, load_tokenizer, max_positions  # noqa: E402
 from runtime.backends import Backend, choose_device  # noqa: E402
 from runtime.errors import InputError, not_utf8  # noqa: E402
+from runtime.rundir import check_best_model  # noqa: E402
 from task.generation import control_accuracy, other_word, prompt_ids, write_reviews  # noqa: E402
 from task.nsmc import judge_of  # noqa: E402
 from task.polarity import polarity_accuracy  # noqa: E402
@@ -196,6 +197,19 @@ def check_review_fits(args, model, tokenizer):
                          f"or less")
 
 
+def check_polarity_words(args, model):
+    """A model trained on plain text (its config.json, written by train.py, lists no
+    polarity words) has no polarity to write or measure."""
+    if getattr(model.config, "polarity_words", None) != []:
+        return  # trained after them, or a model that does not say (not train.py's)
+    trained = (f"--downstream_model_dir {args.downstream_model_dir} was trained on plain "
+               f"text, without polarity words")
+    if args.evaluate:
+        raise InputError(f"{trained}: it has no polarity to measure")
+    if args.polarity != "none":
+        raise InputError(f"{trained}; use --polarity none with a --prompt")
+
+
 def tokens(n):
     return f"{n} token" if n == 1 else f"{n} tokens"
 
@@ -263,9 +277,11 @@ def main(argv=None):
     try:
         check_args(args)
         device = torch.device(choose_device(args.device, tpu_cores=0))  # never XLA: see above
+        check_best_model(args.downstream_model_dir, "--downstream_model_dir")
         tokenizer = load_tokenizer(args.downstream_model_dir, flag="--downstream_model_dir")
         model = load_model(args.downstream_model_dir, tokenizer,
                            flag="--downstream_model_dir").to(device).eval()
+        check_polarity_words(args, model)
         if args.evaluate:
             print_evaluation(args, model, tokenizer)
         else:

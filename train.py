@@ -157,6 +157,7 @@ def train(backend, cfg):
     checkpoint = agreed_checkpoint(backend, cfg.checkpoint.resume, out)
     model = load_model(str(checkpoint or cfg.pretrained_model_name), tokenizer,
                        device=backend.device).train()
+    data.record_polarity_words(model.config, train_features)
     packed = not cfg.no_packing and packs_reviews(model)
     train_batches, train_loader, val_loader = data.loaders(
         train_features, val_features, cfg.data, tokenizer.pad_token_id, backend, packed,
@@ -177,9 +178,8 @@ def train(backend, cfg):
     log = MetricsLog(out / "metrics.jsonl", backend.is_master, steps_per_epoch,
                      tensorboard=cfg.report_to == "tensorboard")
     master_writes(backend, lambda: log.restart_after(progress.step if checkpoint else None))
-    if backend.is_master:
-        print_banner(settings, backend, train_features, val_features, steps_per_epoch,
-                     total_steps, warmup, checkpoint, progress, packed)
+    print_banner(settings, backend, train_features, val_features, steps_per_epoch,
+                 total_steps, warmup, checkpoint, progress, packed)
 
     def evaluate_and_keep_best(export=True, final=False):
         """False when a stop signal cut the evaluation short: it is run again on resume."""

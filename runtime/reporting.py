@@ -292,7 +292,10 @@ def print_evaluation(step, result):
 
 def print_banner(settings, backend, train_features, val_features, steps_per_epoch, total_steps,
                  warmup, checkpoint, progress, packed):
-    """What the run will do, before it starts. `settings`: the run's flags by name."""
+    """What the run will do, before it starts (the master says it). `settings`: the run's
+    flags by name."""
+    if not backend.is_master:
+        return
     s = settings
     global_batch = s["batch_size"] * backend.world_size * s["grad_accum_steps"]
     words = ("긍정 or 부정 before each review" if train_features.labels is not None

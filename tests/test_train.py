@@ -42,6 +42,7 @@ def test_cpu_run_learns_and_saves_a_loadable_model(train_args, tmp_path):
 
     out = tmp_path / "out"
     model = GPT2LMHeadModel.from_pretrained(out)
+    assert model.config.polarity_words == ["긍정", "부정"]  # what generate.py reads back
     tokenizer = PreTrainedTokenizerFast.from_pretrained(out)
     assert tokenizer.pad_token_id == 3 and tokenizer.eos_token_id == 1
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-32", "checkpoint-48"]
