@@ -26,8 +26,7 @@ def choose_device(device, tpu_cores=None, compile_flag=False):
     """'xla', 'cuda' or 'cpu' for `--device` and the tutorial's `--tpu_cores`. Under torchrun
     (its variables in the environment) this process is one of several, on a GPU of its own
     or on the CPU: `run_process` joins it to the others. Flags that would do nothing on the
-    device chosen (--tpu_cores without a TPU, --compile on XLA) are refused."""
-    check_tpu_cores(device, tpu_cores)
+    device chosen are refused (--compile on XLA here, --tpu_cores in options.check_args)."""
     if device != "auto":
         kind = device
     elif tpu_cores == 0 or started_by_torchrun():
@@ -50,22 +49,6 @@ def choose_device(device, tpu_cores=None, compile_flag=False):
         raise InputError("--compile does nothing on XLA, which compiles every step already; "
                          "leave it out")
     return kind
-
-
-def check_tpu_cores(device, tpu_cores):
-    """--tpu_cores 1 or 8 only with a TPU to run on: elsewhere it would do nothing, or start
-    XLA on the CPU unasked (--device xla --tpu_cores 1 asks for it: one XLA:CPU replica)."""
-    if not tpu_cores:
-        return
-    if device in ("cpu", "cuda"):
-        raise InputError(f"--tpu_cores {tpu_cores} contradicts --device {device}; drop one of "
-                         f"them")
-    if importlib.util.find_spec("torch_xla") is None:
-        raise InputError(f"--tpu_cores {tpu_cores}: torch_xla is not installed; pip install "
-                         f"torch_xla with the same version as torch, or leave --tpu_cores out")
-    if not xla_accelerator() and not (device == "xla" and tpu_cores == 1):
-        raise InputError(f"--tpu_cores {tpu_cores}: no TPU is attached to this machine; leave "
-                         f"--tpu_cores out")
 
 
 def started_by_torchrun():

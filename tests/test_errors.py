@@ -6,7 +6,7 @@ import sys
 import pytest
 from conftest import run_train
 
-import runtime.backends
+import options
 import train
 
 
@@ -86,7 +86,7 @@ def test_bad_flags(train_args, capsys, flags, expected):
 ])
 def test_flags_that_would_do_nothing_here_are_refused(train_args, capsys, monkeypatch, flags,
                                                       expected):
-    monkeypatch.setattr(runtime.backends, "xla_accelerator", lambda: False)  # no TPU here
+    monkeypatch.setattr(options, "xla_accelerator", lambda: False)  # no TPU here
     assert train.main(train_args + flags) == 1
     assert error_line(capsys) == f"error: {expected}"
 
