@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
-from corpus.features import load_features
+from corpus.features import POLARITY, load_features
 from corpus.read import corpus_files
 from runtime.errors import InputError
 
@@ -53,6 +53,12 @@ def load_corpus(cfg, tokenizer, progress=True):
         raise InputError(f"{unlabelled} has no labels but {labelled} has; give both files "
                          f"labels, or neither")
     return features
+
+
+def record_polarity_words(config, train_features):
+    """Note in the model's config (its config.json, in every checkpoint and the best model)
+    the words its reviews are trained after: none for plain text. generate.py reads it."""
+    config.polarity_words = list(POLARITY.values()) if train_features.labels is not None else []
 
 
 def loaders(train_features, val_features, cfg, pad_token_id, backend, packed, grad_accum_steps):

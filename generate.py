@@ -26,6 +26,7 @@ import sys
 
 import options
 from options import default_cache_dir
+from runtime.errors import print_on_any_terminal
 from task import GUIDANCE, SAMPLING
 
 
@@ -99,6 +100,7 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
+    print_on_any_terminal()  # before --help, whose text holds Hangul
     parse_args()  # --help and a mistyped flag answered before torch loads
     options.keep_xla_unloaded("cpu")  # sampling never runs on XLA (see above)
 
@@ -108,7 +110,8 @@ from corpus.features import POLARITY, load_features  # noqa: E402
 from corpus.read import NSMC_FILES, corpus_files, given_file  # noqa: E402
 from model import load_model, load_tokenizer, max_positions  # noqa: E402
 from runtime.backends import Backend, choose_device  # noqa: E402
-from runtime.errors import InputError  # noqa: E402
+from runtime.errors import InputError, not_utf8  # noqa: E402
+from runtime.rundir import check_best_model  # noqa: E402
 from task.generation import control_accuracy, other_word, prompt_ids, write_reviews  # noqa: E402
 from task.nsmc import judge_of  # noqa: E402
 from task.polarity import polarity_accuracy  # noqa: E402
@@ -121,6 +124,10 @@ def polarity_words(polarity):
 
 def check_args(args):
     """Reject values that cannot work, naming the flag, before the model loads."""
+    for name in ["polarity", "prompt"]:
+        if not_utf8(getattr(args, name)):
+            raise InputError(f"--{name} is not UTF-8 (a terminal in cp949 or euc-kr sends "
+                             f"other bytes); give it in UTF-8")
     if args.polarity not in [*POLARITY.values(), "both", "none"]:
         raise InputError(f"--polarity {args.polarity}: choose 긍정 (positive), 부정 (negative), "
                          f"both, or none")
@@ -190,6 +197,19 @@ def check_review_fits(args, model, tokenizer):
                          f"or less")
 
 
+def check_polarity_words(args, model):
+    """A model trained on plain text (its config.json, written by train.py, lists no
+    polarity words) has no polarity to write or measure."""
+    if getattr(model.config, "polarity_words", None) != []:
+        return  # trained after them, or a model that does not say (not train.py's)
+    trained = (f"--downstream_model_dir {args.downstream_model_dir} was trained on plain "
+               f"text, without polarity words")
+    if args.evaluate:
+        raise InputError(f"{trained}: it has no polarity to measure")
+    if args.polarity != "none":
+        raise InputError(f"{trained}; use --polarity none with a --prompt")
+
+
 def tokens(n):
     return f"{n} token" if n == 1 else f"{n} tokens"
 
@@ -232,7 +252,8 @@ def print_evaluation(args, model, tokenizer):
         print("control accuracy: not measured: give --train_file, the labelled file the "
               "judge learns from", flush=True)
         return
-    judge = judge_of(train_file, val_file, args.cache_dir)
+    judge = judge_of(train_file, val_file, args.cache_dir,
+                     skip="--control_samples 0 measures polarity accuracy alone")
     accuracy, _ = control_accuracy(model, tokenizer, judge, args.control_samples, args.seed,
                                    args.guidance, sampling_settings(args))
     print(f"control accuracy: {accuracy:.4f} of {2 * args.control_samples:,} reviews written "
@@ -256,9 +277,11 @@ def main(argv=None):
     try:
         check_args(args)
         device = torch.device(choose_device(args.device, tpu_cores=0))  # never XLA: see above
+        check_best_model(args.downstream_model_dir, "--downstream_model_dir")
         tokenizer = load_tokenizer(args.downstream_model_dir, flag="--downstream_model_dir")
         model = load_model(args.downstream_model_dir, tokenizer,
                            flag="--downstream_model_dir").to(device).eval()
+        check_polarity_words(args, model)
         if args.evaluate:
             print_evaluation(args, model, tokenizer)
         else:

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from huggingface_hub import constants, try_to_load_from_cache
 from safetensors import SafetensorError, safe_open
+from tokenizers import Tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -36,6 +37,7 @@ def load_tokenizer(name, flag="--pretrained_model_name"):
         raise InputError(f"{flag} {name}: the directory has no tokenizer.json; copy the "
                          f"tokenizer files of the model it came from (tokenizer.json, "
                          f"tokenizer_config.json) into it")
+    check_tokenizer_file(name, flag)
     tokenizer = from_pretrained(PreTrainedTokenizerFast, name, flag)
     vocab = tokenizer.get_vocab()
     tokenizer.add_special_tokens({role: token for role, token in KOGPT2_SPECIAL_TOKENS.items()
@@ -46,6 +48,20 @@ def load_tokenizer(name, flag="--pretrained_model_name"):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def check_tokenizer_file(name, flag):
+    """A local tokenizer.json cut short or not UTF-8 fails inside the Rust tokenizers with
+    a bare Exception: one line instead."""
+    path = Path(name) / "tokenizer.json"
+    if not path.is_file():
+        return
+    try:
+        Tokenizer.from_file(str(path))
+    except Exception as e:  # whatever a damaged file makes the parser raise
+        raise InputError(f"{flag} {name}: tokenizer.json does not load ({first_line(e)}); "
+                         f"it must be the UTF-8 JSON that save_pretrained writes: copy it "
+                         f"again from the model it came from") from None
 
 
 def load_model(name, tokenizer, flag="--pretrained_model_name", device=None):

@@ -42,7 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--tpu_cores", type=int, choices=[0, 1, 8], default=None,
                    help="8: every core of the TPU host, 1: one core, 0: no TPU; "
-                        "unset: --device decides")
+                        "unset: --device decides (1 and 8 need a TPU; --device xla "
+                        "--tpu_cores 1: one XLA replica on the CPU)")
     p.add_argument("--cpu_workers", type=int, default=0,
                    help="DataLoader worker processes; batches are slices of one "
                         "pre-tokenized tensor, so 0 is fastest")
@@ -54,8 +55,8 @@ def parse_args(argv=None):
                    help="unset: bf16 on TPUs, on GPUs that support it and on CPUs with AMX "
                         "(Intel Xeon from Sapphire Rapids on), fp32 otherwise")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the forward pass and the loss together (CUDA and CPU; "
-                        "XLA compiles every step anyway)")
+                   help="torch.compile the forward pass and the loss together (CUDA and CPU, "
+                        "with a C++ compiler; refused on XLA, which compiles every step anyway)")
     p.add_argument("--no_packing", action="store_true",
                    help="pad each batch's reviews to a rectangle instead of packing them end "
                         "to end in fewer rows (the same training either way; packing skips "
@@ -128,6 +129,7 @@ def check_args(args):
     require(0 <= args.seed < 2**32, "seed", args.seed, "between 0 and 2**32 - 1")
     if args.tpu_cores == 0 and args.device == "xla":
         raise InputError("--tpu_cores 0 contradicts --device xla; drop one of them")
+    check_tpu_cores(args.device, args.tpu_cores)
     # A local model is recorded by absolute path, so a resumed run from another
     # working directory still finds it and compares equal.
     if Path(args.pretrained_model_name).expanduser().is_dir():
@@ -138,6 +140,22 @@ def check_args(args):
 def require(ok, flag, value, what):
     if not ok:
         raise InputError(f"--{flag} must be {what}, got {value}")
+
+
+def check_tpu_cores(device, tpu_cores):
+    """--tpu_cores 1 or 8 only with a TPU to run on: elsewhere it would do nothing, or start
+    XLA on the CPU unasked (--device xla --tpu_cores 1 asks for it: one XLA:CPU replica)."""
+    if not tpu_cores:
+        return
+    if device in ("cpu", "cuda"):
+        raise InputError(f"--tpu_cores {tpu_cores} contradicts --device {device}; drop one of "
+                         f"them")
+    if importlib.util.find_spec("torch_xla") is None:
+        raise InputError(f"--tpu_cores {tpu_cores}: torch_xla is not installed; pip install "
+                         f"torch_xla with the same version as torch, or leave --tpu_cores out")
+    if not xla_accelerator() and not (device == "xla" and tpu_cores == 1):
+        raise InputError(f"--tpu_cores {tpu_cores}: no TPU is attached to this machine; leave "
+                         f"--tpu_cores out")
 
 
 # --------------------------------------------------------------------------- XLA or not

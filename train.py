@@ -35,7 +35,7 @@ from runtime.checkpoint import (CheckpointConfig, corpus_digest, export_best, re
                                 save_checkpoint)
 from runtime.errors import CheckpointError, InputError, NonFiniteLoss
 from runtime.launch import run_process, spawn_replicas
-from runtime.progress import Milestones, Progress
+from runtime.progress import Milestones, Progress, planned_steps
 from runtime.reporting import LossMeter, MetricsLog, Plan, print_banner, print_evaluation
 from runtime.rundir import (agreed_checkpoint, check_fresh_start, check_output_shared,
                             exclusive, find_resume_checkpoint, master_writes)
@@ -152,11 +152,12 @@ def train(backend, cfg):
     train_features, val_features = data.load_corpus(cfg.data, tokenizer, backend.is_master)
     batches_per_epoch, steps_per_epoch = data.replica_steps(
         len(train_features), cfg.data.batch_size, backend.world_size, cfg.grad_accum_steps)
-    total_steps = min(steps_per_epoch * cfg.epochs, cfg.max_steps or math.inf)
+    total_steps = planned_steps(steps_per_epoch, cfg.epochs, cfg.max_steps, backend.is_master)
     check_output_shared(backend, out)
     checkpoint = agreed_checkpoint(backend, cfg.checkpoint.resume, out)
     model = load_model(str(checkpoint or cfg.pretrained_model_name), tokenizer,
                        device=backend.device).train()
+    data.record_polarity_words(model.config, train_features)
     packed = not cfg.no_packing and packs_reviews(model)
     train_batches, train_loader, val_loader = data.loaders(
         train_features, val_features, cfg.data, tokenizer.pad_token_id, backend, packed,
@@ -177,9 +178,8 @@ def train(backend, cfg):
     log = MetricsLog(out / "metrics.jsonl", backend.is_master, steps_per_epoch,
                      tensorboard=cfg.report_to == "tensorboard")
     master_writes(backend, lambda: log.restart_after(progress.step if checkpoint else None))
-    if backend.is_master:
-        print_banner(settings, backend, train_features, val_features, steps_per_epoch,
-                     total_steps, warmup, checkpoint, progress, packed)
+    print_banner(settings, backend, train_features, val_features, steps_per_epoch,
+                 total_steps, warmup, checkpoint, progress, packed)
 
     def evaluate_and_keep_best(export=True, final=False):
         """False when a stop signal cut the evaluation short: it is run again on resume."""
@@ -273,7 +273,7 @@ def main(argv=None):
     try:
         check_args(args)
         cfg = config(args)
-        kind = choose_device(args.device, args.tpu_cores)
+        kind = choose_device(args.device, args.tpu_cores, args.compile)
         with exclusive(cfg.checkpoint.downstream_model_dir):  # one lock per host
             if first_on_host():  # torchrun runs main in every process: the others wait
                 prepare(cfg)

@@ -45,6 +45,7 @@ import task.polarity  # noqa: E402
 import data  # noqa: E402
 import train  # noqa: E402
 from runtime.backends import Backend  # noqa: E402
+from runtime.errors import print_on_any_terminal  # noqa: E402
 from model import load_model, load_tokenizer, max_positions  # noqa: E402
 
 
@@ -262,6 +263,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    print_on_any_terminal()  # the reviews it prints are Hangul
     if sys.argv[1:2] == ["--as_seed_recipe"]:
         sys.exit(train_as_seed_recipe(sys.argv[2:]))
     sys.exit(main())

@@ -146,7 +146,7 @@ def read_lines(path):
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
         raise InputError(f"{path}:{line}: byte 0x{raw[e.start]:02x} is not UTF-8; "
-                         f"re-save the file as UTF-8") from None
+                         f"re-save the file as UTF-8{korean_encoding_hint(raw, path)}") from None
     # Only \n ends a line. str.splitlines() would also break on \r, \f, \v, U+0085, U+2028,
     # U+2029 and \x1c-\x1e, which reviews contain as text: a review cut in two there
     # shows up as a wrong field count on a wrong line number.
@@ -157,6 +157,16 @@ def read_lines(path):
         raise InputError(f"{path}: the file is empty; expected the header "
                          f"'id<TAB>document<TAB>label' and one review per line")
     return lines
+
+
+def korean_encoding_hint(raw, path):
+    """How to convert a file that reads as cp949 (which covers euc-kr), Korean Windows'
+    encoding; nothing for other bytes."""
+    try:
+        raw.decode("cp949")
+    except UnicodeDecodeError:
+        return ""
+    return f" (it reads as cp949/euc-kr: iconv -f cp949 -t utf-8 {path} > utf8.txt)"
 
 
 def read_labelled(path, numbered, columns):

@@ -18,14 +18,15 @@ import torch
 
 from model import cpu_copy
 from options import xla_accelerator
-from runtime.errors import InputError
+from runtime.errors import InputError, first_line
 from runtime.signals import StopRequested, StopSignal
 
 
-def choose_device(device, tpu_cores=None):
+def choose_device(device, tpu_cores=None, compile_flag=False):
     """'xla', 'cuda' or 'cpu' for `--device` and the tutorial's `--tpu_cores`. Under torchrun
     (its variables in the environment) this process is one of several, on a GPU of its own
-    or on the CPU: `run_process` joins it to the others."""
+    or on the CPU: `run_process` joins it to the others. Flags that would do nothing on the
+    device chosen are refused (--compile on XLA here, --tpu_cores in options.check_args)."""
     if device != "auto":
         kind = device
     elif tpu_cores == 0 or started_by_torchrun():
@@ -44,6 +45,9 @@ def choose_device(device, tpu_cores=None):
                          "pip install torch_xla with the same version as torch")
     if kind == "cuda" and started_by_torchrun():
         check_gpu_per_process()
+    if kind == "xla" and compile_flag:
+        raise InputError("--compile does nothing on XLA, which compiles every step already; "
+                         "leave it out")
     return kind
 
 
@@ -127,7 +131,19 @@ class Backend:
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def compile(self, fn):
-        return torch.compile(fn)
+        """`fn` compiled by torch.compile when first called. Inductor needs a working C++
+        compiler there (on a GPU too, for Triton's launcher): without one it fails with
+        pages of traceback, which become one line."""
+        compiled = torch.compile(fn)
+
+        def run(*args, **kwargs):
+            try:
+                return compiled(*args, **kwargs)
+            except torch._dynamo.exc.BackendCompilerFailed as e:
+                raise InputError(f"--compile: torch.compile failed ({first_line(e)}); install "
+                                 f"a C++ compiler (g++, or name yours in CXX) or leave out "
+                                 f"--compile") from None
+        return run
 
     def distribute(self, model):
         """The model that the loss's forward and backward run through: here the model itself

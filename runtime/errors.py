@@ -1,6 +1,8 @@
-"""The errors a run turns into one line instead of a traceback, and the helpers that keep
-that line short. Standard library only: the command line uses it before torch loads."""
+"""The errors a run turns into one line instead of a traceback, the helpers that keep that
+line short, and the output that never raises one. Standard library only: the command line
+uses it before torch loads."""
 import os
+import sys
 from pathlib import Path
 
 
@@ -14,6 +16,24 @@ class CheckpointError(Exception):
 
 class NonFiniteLoss(Exception):
     """The loss became NaN or infinite: nothing it trained may be saved."""
+
+
+def print_on_any_terminal():
+    """Let every script's output reach a terminal that cannot show Hangul (PYTHONIOENCODING
+    =ascii, an euc-kr or cp949 console): what it cannot show comes out as "?" instead of a
+    UnicodeEncodeError in the middle of a run. Processes started from here (XLA replicas,
+    spawned afresh) read the same setting from the environment. (stderr never raises: its
+    errors are "backslashreplace" already.)"""
+    if hasattr(sys.stdout, "reconfigure"):  # not when a caller swapped in its own stream
+        sys.stdout.reconfigure(errors="replace")
+    encoding = os.environ.get("PYTHONIOENCODING", "").partition(":")[0]
+    os.environ["PYTHONIOENCODING"] = f"{encoding}:replace"
+
+
+def not_utf8(argument):
+    """Whether a command-line argument came as bytes that are not UTF-8: Python keeps each
+    such byte as a lone surrogate (U+DC80 to U+DCFF), which no tokenizer or file takes."""
+    return any("\udc80" <= char <= "\udcff" for char in argument)
 
 
 def first_line(error):

@@ -2,6 +2,7 @@
 a report, an evaluation, a save, a stop. The loop asks once per step; this is where the
 bookkeeping of epochs, report steps and stop signals lives."""
 import math
+import sys
 from dataclasses import dataclass
 
 from runtime.signals import StopSignal
@@ -14,6 +15,17 @@ class Progress:
     batches_done: int = 0       # micro-batches of that epoch already trained on
     best_val_loss: float = math.inf
     eval_pending: bool = False  # a stop cut this step's evaluation short: run it on resume
+
+
+def planned_steps(steps_per_epoch, epochs, max_steps, warn=True):
+    """The optimizer steps the run takes: `epochs` epochs, or fewer with `max_steps`. A
+    --max_steps beyond the epochs cannot lengthen the run, which `warn` says."""
+    steps = steps_per_epoch * epochs
+    if max_steps is not None and max_steps > steps and warn:
+        print(f"warning: --max_steps {max_steps:,} is more than the {steps:,} steps of "
+              f"--epochs {epochs} ({steps_per_epoch:,} per epoch): the run stops after "
+              f"{steps:,}; raise --epochs to train longer", file=sys.stderr)
+    return min(steps, max_steps or steps)
 
 
 @dataclass

@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,37 +166,48 @@ class MetricsLog:
                       f"goes on without logging events there", file=sys.stderr)
                 self.path = None
         if self.is_master and self.board:
-            try:
-                self.board.write(event)
-            except OSError as e:  # as for metrics.jsonl: a warning, once
-                print(f"warning: could not write TensorBoard's events in {self.board.folder} "
-                      f"({first_line(e)}); training goes on without them", file=sys.stderr)
-                self.board = None
+            self.board.write(event)
 
     def restart_after(self, step):
         """Keep the events up to `step` (None: none), where the run continues: a resumed
-        run logs the later steps again, and a run that starts afresh owns the whole log. A
-        line cut short by a kill is dropped too."""
+        run logs the later steps again, and a run that starts afresh owns the whole log.
+        Lines that are no event (the last line of a killed run, cut at any byte, even inside
+        a character) are dropped, with a warning."""
         if self.board:  # called on the master only (checkpoint.master_writes)
             self.board.restart_after(step)
         if not self.path.exists():
             return
-        kept = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue  # the last line of a killed run, half written
-            if step is not None and event["step"] <= step:
-                kept.append(line + "\n")
+        kept, damaged = [], []
+        # bytes.splitlines() splits at \n and \r alone, which JSON writes escaped in a string.
+        lines = self.path.read_bytes().splitlines() if step is not None else []  # fresh: none
+        for number, line in enumerate(lines, start=1):
+            event = logged_event(line)
+            if event is None:
+                damaged.append(str(number))
+            elif event["step"] <= step:
+                kept.append(line + b"\n")
+        if damaged:
+            print(f"warning: {self.path}: dropping line{'s' * (len(damaged) > 1)} "
+                  f"{', '.join(damaged)}, cut short (a run killed while writing it)",
+                  file=sys.stderr)
         with saving(self.path, previous=self.path.parent):
-            write_atomically(self.path, lambda tmp: tmp.write_text("".join(kept),
-                                                                         encoding="utf-8"))
+            write_atomically(self.path, lambda tmp: tmp.write_bytes(b"".join(kept)))
+
+
+def logged_event(line):
+    """The event that a line of metrics.jsonl (bytes) holds, or None when it holds none."""
+    try:
+        event = json.loads(line)  # bytes: a character cut short is a ValueError too
+    except ValueError:
+        return None
+    return event if isinstance(event, dict) and isinstance(event.get("step"), int) else None
 
 
 class BoardWriter:
     """TensorBoard's event files, written by the master from the events of metrics.jsonl,
-    so that they cost the step nothing more: the values are already on the host."""
+    so that they cost the step nothing more: the values are already on the host. A side
+    channel: whatever fails in it (a full disk, a missing tensorboard package, the writer's
+    own thread) is one warning, and the run goes on without it."""
     SCALARS = {"loss": "train/loss", "lr": "train/learning_rate",
                "tokens_per_s": "train/tokens_per_s", "val_loss": "eval/val_loss",
                "perplexity": "eval/perplexity", "polarity_accuracy": "eval/polarity_accuracy"}
@@ -205,20 +217,38 @@ class BoardWriter:
         # Every run opens its events with a start at purge_step: TensorBoard takes each
         # start after the first for a restart, and hides the points from that step on.
         self.purge_step = 0
+        self.failed = False            # after a failure, nothing more is written or said
+        self.threads = set()           # the writer's own
+        self.lock = threading.Lock()   # its thread and the loop may fail at once
 
     def restart_after(self, step):
         """A resumed run hides what an earlier one logged after `step`; a fresh run
         removes an earlier run's event files."""
-        if step is None:
-            for old in self.folder.glob("events.out.tfevents.*"):
-                old.unlink(missing_ok=True)
-        else:
+        if step is not None:
             self.purge_step = step + 1
+            return
+        for old in self.folder.glob("events.out.tfevents.*"):
+            try:
+                old.unlink(missing_ok=True)
+            except OSError as e:  # harmless: this run's start at step 0 hides its points
+                print(f"warning: could not remove {old}, an earlier run's TensorBoard events "
+                      f"({first_line(e)}); this run's curves hide them", file=sys.stderr)
 
     def write(self, event):
+        if self.failed:
+            return
+        try:
+            self.add(event)
+        except Exception as e:  # whatever it is, the run does not need these files
+            self.give_up(e)
+
+    def add(self, event):
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter  # seconds to import: only now
+            before = set(threading.enumerate())
             self.writer = SummaryWriter(self.folder, purge_step=self.purge_step)
+            self.threads = set(threading.enumerate()) - before
+            threading.excepthook = self.quiet_hook(threading.excepthook)
         for key, tag in self.SCALARS.items():
             if key in event:
                 self.writer.add_scalar(tag, event[key], event["step"])
@@ -227,6 +257,25 @@ class BoardWriter:
                 f"**{word}** {review}" for word, review in event["samples"].items()),
                 event["step"])
         self.writer.flush()  # a run killed at any moment keeps its curves
+
+    def quiet_hook(self, previous):
+        """threading.excepthook, but for the writer's thread: a failure there (a full disk)
+        would print its traceback in the middle of the run, then be raised again here at
+        the next write. It is the one warning instead."""
+        def hook(args):
+            if args.thread in self.threads:
+                self.give_up(args.exc_value)
+            else:
+                previous(args)
+        return hook
+
+    def give_up(self, error):
+        with self.lock:
+            if self.failed:
+                return
+            self.failed = True
+        print(f"warning: could not write TensorBoard's events in {self.folder} "
+              f"({first_line(error)}); training goes on without them", file=sys.stderr)
 
 
 def print_evaluation(step, result):
@@ -243,7 +292,10 @@ def print_evaluation(step, result):
 
 def print_banner(settings, backend, train_features, val_features, steps_per_epoch, total_steps,
                  warmup, checkpoint, progress, packed):
-    """What the run will do, before it starts. `settings`: the run's flags by name."""
+    """What the run will do, before it starts (the master says it). `settings`: the run's
+    flags by name."""
+    if not backend.is_master:
+        return
     s = settings
     global_batch = s["batch_size"] * backend.world_size * s["grad_accum_steps"]
     words = ("긍정 or 부정 before each review" if train_features.labels is not None

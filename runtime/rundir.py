@@ -110,6 +110,17 @@ def latest_checkpoint(out, warn=True):
     return None
 
 
+def check_best_model(out, flag):
+    """A run's folder whose best model is not there yet (train.py exports it after its first
+    evaluation past step 0) but that holds checkpoints: name them, and how to use one."""
+    out = Path(out)
+    saved = [p.name for p in checkpoints(out) if not p.name.endswith(".tmp")]
+    if not saved or (out / "config.json").exists():
+        return
+    raise InputError(f"{flag} {out}: no best model in it yet, only its checkpoints "
+                     f"{', '.join(saved)}; give one of them, such as {flag} {out / saved[0]}")
+
+
 def prune_checkpoints(out, keep):
     complete = [p for p in checkpoints(out) if not p.name.endswith(".tmp")]
     for path in complete[keep:]:

@@ -54,7 +54,8 @@ class Judge:
 
 def train_judge(texts, labels):
     """Counts of each n-gram's reviews per polarity, turned into log-likelihood ratios: the
-    judge as plain tensors and strings (its cached form)."""
+    judge as plain tensors and strings (its cached form). `labels` hold both polarities
+    (`labelled_reviews` checks)."""
     counts = {0: Counter(), 1: Counter()}
     for text, label in zip(texts, labels):
         counts[label].update(char_ngrams(text))
@@ -64,16 +65,14 @@ def train_judge(texts, labels):
     log_p = {label: (c + SMOOTHING).log() - math.log(c.sum() + SMOOTHING * len(ngrams))
              for label, c in per_label.items()}
     positive = sum(labels)
-    if positive in (0, len(labels)):
-        raise InputError("the judge of control accuracy needs positive and negative "
-                         "reviews in the training file; it has only one polarity")
     return {"ngrams": ngrams, "weights": (log_p[1] - log_p[0]).float(),
             "prior": math.log(positive / (len(labels) - positive)), "version": JUDGE_VERSION}
 
 
-def load_judge(train_file, val_file, cache_dir):
+def load_judge(train_file, val_file, cache_dir, skip=None):
     """The judge trained on the labelled `train_file`, its own accuracy on `val_file` in
-    `val_accuracy`; trained and measured once, then read from the cache."""
+    `val_accuracy`; trained and measured once, then read from the cache. `skip`: how the
+    caller's command line does without the judge, said when the files cannot make one."""
     key = hashlib.sha256()
     for path in (train_file, val_file):
         add_file_bytes(key, path)
@@ -81,8 +80,12 @@ def load_judge(train_file, val_file, cache_dir):
     path = Path(cache_dir).expanduser() / f"judge-{Path(train_file).stem}-{key.hexdigest()[:16]}.pt"
     saved = load_cached(path, judge_problem, instead="training the judge again")
     if saved is None:
-        saved = train_judge(*labelled_reviews(train_file))
-        saved["val_accuracy"] = Judge(**judge_fields(saved)).accuracy(*labelled_reviews(val_file))
+        try:
+            saved = train_judge(*labelled_reviews(train_file, both_polarities=True))
+            saved["val_accuracy"] = Judge(**judge_fields(saved)).accuracy(
+                *labelled_reviews(val_file))
+        except InputError as e:
+            raise InputError(f"{e}; {skip}" if skip else str(e)) from None
         try:
             write_atomically(path, lambda tmp: torch.save(saved, tmp))
         except (OSError, RuntimeError) as e:
@@ -97,11 +100,15 @@ def judge_fields(saved):
     return {name: saved[name] for name in ("ngrams", "weights", "prior")}
 
 
-def labelled_reviews(path):
+def labelled_reviews(path, both_polarities=False):
     reviews = read_corpus(path)
     if reviews.labels is None or not reviews.texts:
         raise InputError(f"{path}: no labelled reviews, so no judge of polarity can be "
                          f"trained or checked on it")
+    if both_polarities and len(set(reviews.labels)) == 1:
+        polarity = "positive" if reviews.labels[0] else "negative"
+        raise InputError(f"{path}: every review is {polarity}, and the judge of control "
+                         f"accuracy learns from both polarities")
     return reviews.texts, reviews.labels
 
 

@@ -10,6 +10,7 @@ from task.judge import load_judge
 from task.polarity import polarity_accuracy
 
 CONTROL_SAMPLES = 100  # reviews of each polarity written and judged at the final evaluation
+SKIP_JUDGE = "--polarity_eval_size 0 trains without it (and without polarity accuracy)"
 
 
 @dataclass
@@ -39,7 +40,7 @@ class NsmcTask:
 
     def judge(self):
         """The judge: trained on the training file, checked on the validation file."""
-        return judge_of(*self.files, self.cfg.cache_dir)
+        return judge_of(*self.files, self.cfg.cache_dir, SKIP_JUDGE)
 
     def evaluate(self, model, backend, final):
         """Polarity accuracy (every replica scores its share), and what `written_reviews`
@@ -71,6 +72,7 @@ class NsmcTask:
 
 
 @functools.lru_cache(maxsize=4)
-def judge_of(train_file, val_file, cache_dir):
-    """The judge of these files, trained or read from the cache once per process."""
-    return load_judge(train_file, val_file, cache_dir)
+def judge_of(train_file, val_file, cache_dir, skip=None):
+    """The judge of these files, trained or read from the cache once per process. `skip`:
+    the flag that does without it (see `load_judge`)."""
+    return load_judge(train_file, val_file, cache_dir, skip)

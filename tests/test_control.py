@@ -84,6 +84,32 @@ def test_the_judge_needs_labels(tmp_path):
         task.judge.load_judge(plain, plain, tmp_path)
 
 
+def only_positive(path):
+    """Rewrite the NSMC file `path` with every review positive."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    path.write_text("\n".join([lines[0]] + [line[:-1] + "1" for line in lines[1:]]) + "\n",
+                    encoding="utf-8")
+
+
+def test_a_refusal_for_the_judges_sake_names_the_flag_that_skips_it(
+        train_args, corpus, tiny_model, tmp_path, capsys):
+    folder = corpus / "nsmc"
+    train_file, val_file = folder / "ratings_train.txt", folder / "ratings_test.txt"
+    only_positive(train_file)
+    assert train.main(train_args) == 1
+    assert capsys.readouterr().err == (
+        f"error: {train_file}: every review is positive, and the judge of control accuracy "
+        f"learns from both polarities; --polarity_eval_size 0 trains without it (and without "
+        f"polarity accuracy)\n")
+    assert generate.main(["--downstream_model_dir", str(tiny_model), "--device", "cpu",
+                          "--evaluate", "--val_file", str(val_file), "--train_file",
+                          str(train_file), "--cache_dir", str(tmp_path / "cache")]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"error: {train_file}: every review is positive, and the judge of control "
+                   f"accuracy learns from both polarities; --control_samples 0 measures "
+                   f"polarity accuracy alone\n")
+
+
 # --------------------------------------------------------------------------- guidance
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """Your own corpus: the three layouts read_corpus accepts, its error messages, features
 without a polarity word, and train.py on each kind of file."""
+import json
 from pathlib import Path
 
 import fixtures
@@ -151,6 +152,9 @@ def test_train_on_plain_text_files_without_polarity(train_args, tmp_path):
     evaluation = read_metrics(tmp_path / "out", "eval")[-1]
     assert "val_loss" in evaluation
     assert "polarity_accuracy" not in evaluation and "samples" not in evaluation
+    # Recorded with the model, so that generate.py can say what the model cannot do.
+    config = json.loads((tmp_path / "out" / "config.json").read_text(encoding="utf-8"))
+    assert config["polarity_words"] == []
 
 
 def test_train_and_val_files_must_agree_on_labels(train_args, tmp_path, capsys):

@@ -6,6 +6,7 @@ import sys
 import pytest
 from conftest import run_train
 
+import options
 import train
 
 
@@ -66,10 +67,28 @@ def test_crlf_and_bom_simply_work(train_args, corpus, tmp_path, capsys):
     (["--epochs", "0"], "--epochs must be 1 or more, got 0"),
     (["--batch_size", "1000"], "258 training examples cannot fill one batch of --batch_size 1000"),
     (["--device", "xla", "--tpu_cores", "0"], "--tpu_cores 0 contradicts --device xla"),
+    (["--tpu_cores", "8"], "--tpu_cores 8 contradicts --device cpu; drop one of them"),
 ])
 def test_bad_flags(train_args, capsys, flags, expected):
     assert train.main(train_args + flags) == 1
     assert expected in error_line(capsys)
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--device", "auto", "--tpu_cores", "8"],
+     "--tpu_cores 8: no TPU is attached to this machine; leave --tpu_cores out"),
+    (["--device", "xla", "--tpu_cores", "8"],   # XLA on the CPU takes every device anyway
+     "--tpu_cores 8: no TPU is attached to this machine; leave --tpu_cores out"),
+    (["--device", "auto", "--tpu_cores", "1"],  # would start XLA on the CPU unasked
+     "--tpu_cores 1: no TPU is attached to this machine; leave --tpu_cores out"),
+    (["--device", "xla", "--compile"],
+     "--compile does nothing on XLA, which compiles every step already; leave it out"),
+])
+def test_flags_that_would_do_nothing_here_are_refused(train_args, capsys, monkeypatch, flags,
+                                                      expected):
+    monkeypatch.setattr(options, "xla_accelerator", lambda: False)  # no TPU here
+    assert train.main(train_args + flags) == 1
+    assert error_line(capsys) == f"error: {expected}"
 
 
 @pytest.mark.slow

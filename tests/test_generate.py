@@ -1,6 +1,8 @@
 """Using the fine-tuned model: reviews written on request, polarity accuracy (the model
 read as a classifier), and both at each evaluation of train.py."""
+import json
 import re
+import shutil
 from types import SimpleNamespace
 
 import fixtures
@@ -180,6 +182,45 @@ def test_bad_input_is_one_line(argv, message, capsys):
     assert generate.main(argv) == 1
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1
+
+
+def test_a_run_without_its_best_model_yet_names_its_checkpoints(tiny_model, tmp_path, capsys):
+    out = tmp_path / "out"
+    for step in (2, 4):  # what a run killed before its first export leaves
+        shutil.copytree(tiny_model, out / f"checkpoint-{step}")
+    (out / "checkpoint-6.tmp").mkdir()  # a save cut short is no checkpoint
+    assert generate.main(["--downstream_model_dir", str(out)]) == 1
+    assert capsys.readouterr().err == (
+        f"error: --downstream_model_dir {out}: no best model in it yet, only its checkpoints "
+        f"checkpoint-4, checkpoint-2; give one of them, such as --downstream_model_dir "
+        f"{out / 'checkpoint-4'}\n")
+
+
+@pytest.fixture
+def plain_text_model(tiny_model, tmp_path):
+    """The tiny model as train.py leaves one trained on plain text: no polarity words."""
+    model = tmp_path / "plain"
+    shutil.copytree(tiny_model, model)
+    config = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    (model / "config.json").write_text(json.dumps({**config, "polarity_words": []}),
+                                       encoding="utf-8")
+    return model
+
+
+@pytest.mark.parametrize("argv, refusal", [
+    ([], "; use --polarity none with a --prompt"),
+    (["--polarity", "긍정"], "; use --polarity none with a --prompt"),
+    (["--evaluate"], ": it has no polarity to measure"),
+])
+def test_polarity_words_for_a_model_trained_on_plain_text_are_refused(plain_text_model, capsys,
+                                                                      argv, refusal):
+    assert generate.main(["--downstream_model_dir", str(plain_text_model), "--device", "cpu",
+                          *argv]) == 1
+    assert capsys.readouterr().err == (f"error: --downstream_model_dir {plain_text_model} was "
+                                       f"trained on plain text, without polarity words{refusal}\n")
+    argv = ["--downstream_model_dir", str(plain_text_model), "--device", "cpu", "--polarity",
+            "none", "--prompt", "영화", "--num_samples", "1", "--max_new_tokens", "4"]
+    assert generate.main(argv) == 0 and capsys.readouterr().out  # what it can do
 
 
 # --------------------------------------------------------------------------- while training

@@ -1,9 +1,19 @@
 """TensorBoard: the curves of metrics.jsonl in event files, read back with TensorBoard's own
-reader; a resumed run continues them with no stale points after the resume step."""
+reader; a resumed run continues them with no stale points after the resume step; whatever
+fails in it is one warning, and the run goes on."""
+import errno
+import os
+import pathlib
+import sys
+import threading
+
 import pytest
 from conftest import read_metrics, run_train
 from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+from tensorboard.summary.writer import record_writer
 from tensorboard.util import tensor_util
+
+from runtime.reporting import MetricsLog
 
 SCALARS = {"train/loss": ("train", "loss"), "train/learning_rate": ("train", "lr"),
            "train/tokens_per_s": ("train", "tokens_per_s"), "eval/val_loss": ("eval", "val_loss"),
@@ -72,3 +82,58 @@ def test_the_estimate_counts_the_evaluations_still_to_come():
     line = reporting.Plan(100, 1, 360.0).estimate(50, 4.7)
     assert line == ("timing: 4.7 s/step so far; the 50 steps left take about 4 min, plus 6 min "
                     "for 1 evaluation like the first")
+
+
+# --------------------------------------------------------------------------- failures
+
+def warning(out):
+    return (f"warning: could not write TensorBoard's events in {out / 'tensorboard'} "
+            f"([Errno 28] No space left on device); training goes on without them\n")
+
+
+def full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_failure_in_the_writers_thread_is_one_warning_and_no_traceback(tmp_path, capsys,
+                                                                         monkeypatch):
+    printed = []  # what would print a thread's traceback
+    monkeypatch.setattr(threading, "excepthook", printed.append)
+    log = MetricsLog(tmp_path / "metrics.jsonl", True, 4, tensorboard=True)
+    before = set(threading.enumerate())
+    log.write({"event": "train", "loss": 1.0}, 1)
+    writer_threads = set(threading.enumerate()) - before
+    monkeypatch.setattr(record_writer.RecordWriter, "write", full_disk)  # the thread writes
+    log.write({"event": "train", "loss": 0.9}, 2)
+    for thread in writer_threads:
+        thread.join(timeout=30)  # it ends with the failure
+    log.write({"event": "train", "loss": 0.8}, 3)
+    assert printed == []
+    assert capsys.readouterr().err == warning(tmp_path)
+    assert [e["step"] for e in read_metrics(tmp_path)] == [1, 2, 3]  # metrics.jsonl goes on
+
+
+def test_a_failure_to_start_the_writer_is_one_warning(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # not installed
+    log = MetricsLog(tmp_path / "metrics.jsonl", True, 4, tensorboard=True)
+    for step in (1, 2):
+        log.write({"event": "train", "loss": 1.0}, step)
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: could not write TensorBoard's events in "
+                          f"{tmp_path / 'tensorboard'} (import of torch.utils.tensorboard ")
+    assert err.count("\n") == 1 and len(read_metrics(tmp_path)) == 2
+
+
+def test_an_old_event_file_that_cannot_be_removed_is_one_warning(tmp_path, capsys, monkeypatch):
+    old = tmp_path / "tensorboard" / "events.out.tfevents.1.host.1.0"
+    old.parent.mkdir()
+    old.write_bytes(b"an earlier run's events")
+    with monkeypatch.context() as patch:
+        patch.setattr(pathlib.Path, "unlink", full_disk)
+        log = MetricsLog(tmp_path / "metrics.jsonl", True, 4, tensorboard=True)
+        log.restart_after(None)  # a fresh run
+    log.write({"event": "train", "loss": 1.0}, 1)
+    assert capsys.readouterr().err == (
+        f"warning: could not remove {old}, an earlier run's TensorBoard events ([Errno 28] No "
+        f"space left on device); this run's curves hide them\n")
+    assert board(tmp_path)["train/loss"] == [(1, 1.0)]  # the new events, after the old

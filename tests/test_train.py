@@ -18,9 +18,15 @@ from model import load_model, load_tokenizer
 
 @pytest.mark.slow
 def test_cpu_run_learns_and_saves_a_loadable_model(train_args, tmp_path):
-    result = run_train(train_args + ["--epochs", "3", "--keep_checkpoints", "2"])
+    # On a terminal that cannot show Hangul (the samples, the banner): shown as "?".
+    result = run_train(train_args + ["--epochs", "3", "--keep_checkpoints", "2",
+                                     "--max_steps", "100"], env={"PYTHONIOENCODING": "ascii"})
     assert result.returncode == 0, result.stderr
     assert "device:           cpu" in result.stdout
+    assert "polarity word:    ?? or ??" in result.stdout
+    # --max_steps beyond the 3 epochs: one warning, and the epochs decide.
+    assert ("warning: --max_steps 100 is more than the 48 steps of --epochs 3 (16 per epoch): "
+            "the run stops after 48; raise --epochs to train longer") in result.stderr
     assert (
         "258 (1 blank skipped" in result.stdout
         and "steps:            16 per epoch, 48 in all" in result.stdout
@@ -36,6 +42,7 @@ def test_cpu_run_learns_and_saves_a_loadable_model(train_args, tmp_path):
 
     out = tmp_path / "out"
     model = GPT2LMHeadModel.from_pretrained(out)
+    assert model.config.polarity_words == ["긍정", "부정"]  # what generate.py reads back
     tokenizer = PreTrainedTokenizerFast.from_pretrained(out)
     assert tokenizer.pad_token_id == 3 and tokenizer.eos_token_id == 1
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-32", "checkpoint-48"]
@@ -141,3 +148,12 @@ def test_step_counts_follow_from_the_per_device_batch(world_size):
     batches, steps = data.replica_steps(150_000, 32, world_size, 2)
     assert batches == 150_000 // world_size // 32
     assert steps == -(-batches // 2)
+
+
+def test_max_steps_beyond_the_epochs_is_said_once_and_changes_nothing(capsys):
+    from runtime.progress import planned_steps
+    assert planned_steps(16, 3, None) == 48 and planned_steps(16, 3, 20) == 20
+    assert planned_steps(16, 3, 48) == 48 and capsys.readouterr().err == ""
+    assert planned_steps(16, 3, 49, warn=False) == 48 and capsys.readouterr().err == ""
+    assert planned_steps(16, 3, 1000) == 48
+    assert capsys.readouterr().err.count("\n") == 1
