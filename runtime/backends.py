@@ -11,14 +11,15 @@ A CPU/GPU-only copy of the loop can drop `XlaBackend`; a single-process one
 """
 import contextlib
 import ctypes
+import datetime
 import importlib.util
 import os
 
 import torch
 
 from model import cpu_copy
-from options import xla_accelerator
-from runtime.errors import InputError
+from options import check_launch_variables, started_by_torchrun, xla_accelerator
+from runtime.errors import InputError, ReplicaLost, first_line
 from runtime.signals import StopRequested, StopSignal
 
 
@@ -26,6 +27,7 @@ def choose_device(device, tpu_cores=None):
     """'xla', 'cuda' or 'cpu' for `--device` and the tutorial's `--tpu_cores`. Under torchrun
     (its variables in the environment) this process is one of several, on a GPU of its own
     or on the CPU: `run_process` joins it to the others."""
+    check_launch_variables()
     if device != "auto":
         kind = device
     elif tpu_cores == 0 or started_by_torchrun():
@@ -45,11 +47,6 @@ def choose_device(device, tpu_cores=None):
     if kind == "cuda" and started_by_torchrun():
         check_gpu_per_process()
     return kind
-
-
-def started_by_torchrun():
-    """torchrun sets these for every process it starts."""
-    return all(name in os.environ for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
 
 
 def first_on_host():
@@ -303,6 +300,10 @@ class XlaBackend(Backend):
         return cpu_copy(model)
 
 
+JOIN_TIMEOUT = datetime.timedelta(seconds=60)  # from the first process's arrival to the last's
+SAYS_WHY = "it says why in its own output, or its torchrun does"
+
+
 class TorchrunBackend(Backend):
     """One of the processes that `torchrun` starts: one per GPU (NCCL), or several on a CPU
     (gloo), on one host or many. Every process runs the whole script; RANK, LOCAL_RANK and
@@ -319,11 +320,33 @@ class TorchrunBackend(Backend):
         self.device = torch.device(kind, local_rank if kind == "cuda" else None)
         # Gradients and losses live on the GPU and go through NCCL; flags and barrier
         # payloads are CPU tensors and go through gloo, so agreeing on a stop never waits
-        # for the GPU's queue. MASTER_ADDR and MASTER_PORT come from torchrun.
-        dist.init_process_group("cpu:gloo,cuda:nccl" if kind == "cuda" else "gloo")
-        # Once the host's first process has prepared the run (main), every process takes
-        # the first one's precision: hosts with and without AMX would otherwise differ.
+        # for the GPU's queue.
+        self.join("cpu:gloo,cuda:nccl" if kind == "cuda" else "gloo")
+        # Every process takes the first one's precision: hosts with and without AMX would
+        # otherwise differ.
         self.precision = self.barrier("started", self.precision)[0]
+
+    def join(self, group):
+        """Meet the others within JOIN_TIMEOUT, not torch's 30 minutes: torchrun starts them
+        all at once, so one missing by then has failed (and says why). Once all are here,
+        one that ends closes its connections, and the others' next collective fails at
+        once; the default timeout then lets a long save keep the others waiting."""
+        try:
+            self.dist.init_process_group(group, timeout=JOIN_TIMEOUT)
+        except self.dist.DistError as e:
+            raise ReplicaLost(f"not all {self.world_size} processes of the run started within "
+                              f"{JOIN_TIMEOUT.seconds} s ({first_line(e)}); {SAYS_WHY}") from None
+        c10d = self.dist.distributed_c10d
+        c10d._set_pg_timeout(c10d._get_default_timeout(self.dist.Backend(group)))
+
+    @contextlib.contextmanager
+    def collective(self, what):
+        """A failed collective, as one line: another process has ended or is unreachable."""
+        try:
+            yield
+        except RuntimeError as e:  # gloo's and the store's errors (DistError is one too)
+            raise ReplicaLost(f"another process of the run ended or cannot be reached ({what}: "
+                              f"{first_line(e)}); {SAYS_WHY}") from None
 
     def describe(self):
         name = torch.cuda.get_device_name() if self.device.type == "cuda" else "CPU"
@@ -350,17 +373,20 @@ class TorchrunBackend(Backend):
 
     def all_reduce_sum(self, tensor):
         tensor = tensor.clone()  # all_reduce works in place
-        self.dist.all_reduce(tensor)
+        with self.collective("a sum"):
+            self.dist.all_reduce(tensor)
         return tensor
 
     def any_replica(self, flag):
         flag = torch.tensor([float(flag)])  # on the CPU: gloo, no wait for the GPU
-        self.dist.all_reduce(flag, op=self.dist.ReduceOp.MAX)
+        with self.collective("agreeing on a flag"):
+            self.dist.all_reduce(flag, op=self.dist.ReduceOp.MAX)
         return flag.item() > 0
 
     def barrier(self, name, payload=b""):
         payloads = [None] * self.world_size
-        self.dist.all_gather_object(payloads, payload)
+        with self.collective(f"barrier {name!r}"):
+            self.dist.all_gather_object(payloads, payload)
         return payloads
 
     def seed_step(self, step):
