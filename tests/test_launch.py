@@ -2,6 +2,7 @@
 the corpus, stop within a bounded time when one cannot join, say in one line when one is
 lost or the launch variables are incomplete, and treat SIGHUP as a stop signal. (The same
 across real torchrun processes: tests/test_torchrun.py.)"""
+import datetime
 import json
 import os
 import pty
@@ -93,8 +94,7 @@ def test_a_process_the_others_wait_for_in_vain_stops_them_within_the_join_timeou
         monkeypatch):
     """Process 1 of 2 never starts: process 0 stops after JOIN_TIMEOUT with one line, not
     after torch's 30 minutes."""
-    monkeypatch.setattr(runtime.backends, "JOIN_TIMEOUT",
-                        runtime.backends.datetime.timedelta(seconds=2))
+    monkeypatch.setattr(runtime.backends, "JOIN_TIMEOUT", datetime.timedelta(seconds=2))
     for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2",
                         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}.items():
         monkeypatch.setenv(name, value)
