@@ -192,3 +192,33 @@ def keep_xla_unloaded(device, tpu_cores=None):
     if device in ("cpu", "cuda") or tpu_cores == 0 or (device == "auto" and not tpu_cores
                                                         and not xla_accelerator()):
         os.environ.setdefault("USE_TORCH_XLA", "0")
+
+
+# What torchrun sets for every process it starts: which process it is, and where the others
+# meet (its own store, or process 0's when a script of one's own launches them).
+LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def started_by_torchrun():
+    """torchrun's variables: this process is one of those it started."""
+    return all(name in os.environ for name in LAUNCH_VARIABLES)
+
+
+def check_launch_variables():
+    """A process told that it is one of several (RANK, WORLD_SIZE set by a script of one's
+    own) without all of torchrun's variables could not find the others: one line, rather
+    than training alone or a traceback from torch. With WORLD_SIZE=1 it is alone anyway."""
+    told = {"RANK", "LOCAL_RANK", "WORLD_SIZE"} & set(os.environ)
+    if not told or started_by_torchrun() or os.environ.get("WORLD_SIZE") == "1":
+        return
+    present = [name for name in LAUNCH_VARIABLES if name in os.environ]
+    missing = [name for name in LAUNCH_VARIABLES if name not in os.environ]
+    raise InputError(f"{listed(present)} {'are' if len(present) > 1 else 'is'} set but "
+                     f"{listed(missing)} {'are' if len(missing) > 1 else 'is'} not, so this "
+                     f"process cannot find the others of its run: start them with torchrun, "
+                     f"or set all of {listed(LAUNCH_VARIABLES)} for each")
+
+
+def listed(names):
+    """'A', 'A and B', 'A, B and C'."""
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)

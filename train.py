@@ -30,10 +30,10 @@ from data import DataConfig
 from model import (WITHOUT_LOGITS, check_loadable, load_model, load_tokenizer, model_inputs,
                    output_layer_at, packs_reviews, splits_off_output_layer)
 from options import check_args, parse_args
-from runtime.backends import choose_device, first_on_host
+from runtime.backends import choose_device
 from runtime.checkpoint import (CheckpointConfig, corpus_digest, export_best, restore,
                                 save_checkpoint)
-from runtime.errors import CheckpointError, InputError, NonFiniteLoss
+from runtime.errors import CheckpointError, InputError, NonFiniteLoss, ReplicaLost
 from runtime.launch import run_process, spawn_replicas
 from runtime.progress import Milestones, Progress, planned_steps
 from runtime.reporting import LossMeter, MetricsLog, Plan, print_banner, print_evaluation
@@ -251,9 +251,10 @@ def config(args):
 
 
 def prepare(cfg):
-    """Work done once on each host, before its replicas start: check the model name and the
-    output directory, find or download the corpus, tokenize it into the cache, train the
-    task's judge. Replicas then only read the caches."""
+    """Work done once on each host, before its replicas train (under torchrun, by its first
+    process once all have joined): check the model name and the output directory, find or
+    download the corpus, tokenize it into the cache, train the task's judge. Replicas then
+    only read the caches."""
     ckpt = cfg.checkpoint
     check_fresh_start(ckpt.downstream_model_dir, ckpt.resume, ckpt.overwrite_output_dir)
     if ckpt.resume != "latest":  # a path: check it here, not in the replicas
@@ -275,13 +276,11 @@ def main(argv=None):
         cfg = config(args)
         kind = choose_device(args.device, args.tpu_cores, args.compile)
         with exclusive(cfg.checkpoint.downstream_model_dir):  # one lock per host
-            if first_on_host():  # torchrun runs main in every process: the others wait
-                prepare(cfg)
             if kind == "xla":
-                spawn_replicas(train, cfg, one_core=args.tpu_cores == 1, agreed=AGREED_ERRORS)
-            else:  # this process alone, or one of those torchrun starts
-                run_process(train, cfg, kind, agreed=AGREED_ERRORS)
-    except (InputError, CheckpointError, NonFiniteLoss) as e:
+                spawn_replicas(train, prepare, cfg, args.tpu_cores == 1, agreed=AGREED_ERRORS)
+            else:  # alone, or one of torchrun's: they join, then each host's first prepares
+                run_process(train, prepare, cfg, kind, agreed=AGREED_ERRORS)
+    except (InputError, CheckpointError, NonFiniteLoss, ReplicaLost) as e:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)

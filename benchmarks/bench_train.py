@@ -96,7 +96,7 @@ def parse_args(argv=None):
         "--glibc_defaults",
         action="store_true",
         help="CPU: leave glibc's allocator as it is in both loops, instead of "
-        "keeping freed memory as train.py does (runtime.backends.keep_freed_memory)",
+        "keeping freed memory as train.py does (runtime.hardware.keep_freed_memory)",
     )
     p.add_argument("--no_grouped", action="store_true",
                    help="skip the runs with batches grouped by length")

@@ -10,15 +10,16 @@ A CPU/GPU-only copy of the loop can drop `XlaBackend`; a single-process one
 `TorchrunBackend` too.
 """
 import contextlib
-import ctypes
+import datetime
 import importlib.util
 import os
 
 import torch
 
 from model import cpu_copy
-from options import xla_accelerator
-from runtime.errors import InputError, first_line
+from options import check_launch_variables, started_by_torchrun, xla_accelerator
+from runtime.errors import InputError, ReplicaLost, first_line
+from runtime.hardware import fast_bf16, keep_freed_memory
 from runtime.signals import StopRequested, StopSignal
 
 
@@ -27,6 +28,7 @@ def choose_device(device, tpu_cores=None, compile_flag=False):
     (its variables in the environment) this process is one of several, on a GPU of its own
     or on the CPU: `run_process` joins it to the others. Flags that would do nothing on the
     device chosen are refused (--compile on XLA here, --tpu_cores in options.check_args)."""
+    check_launch_variables()
     if device != "auto":
         kind = device
     elif tpu_cores == 0 or started_by_torchrun():
@@ -51,11 +53,6 @@ def choose_device(device, tpu_cores=None, compile_flag=False):
     return kind
 
 
-def started_by_torchrun():
-    """torchrun sets these for every process it starts."""
-    return all(name in os.environ for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-
-
 def first_on_host():
     """True but in torchrun's processes after the first on each host (LOCAL_RANK 0), which
     alone prepares the run, holds the directory lock and prints the errors that every
@@ -71,35 +68,6 @@ def check_gpu_per_process():
         raise InputError(f"torchrun --nproc_per_node {processes}: this host has {gpus} "
                          f"GPU{'s' * (gpus != 1)}, one per process; use --nproc_per_node "
                          f"{gpus} or fewer")
-
-
-def keep_freed_memory():
-    """Have glibc keep the memory a CPU step frees for the next step. By default it gives
-    every block over 128 KiB (activations, logits, their gradients) back to the system as
-    soon as it is freed, and the next step takes it back, a page fault per 4 KiB page, each
-    page zeroed: on two cores, a quarter to a third of the step. The process's peak is
-    unchanged; it just holds on to it. Nothing to do where the C library is not glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-    # Allocate from the heap, not a fresh mapping; glibc before 2.26 takes at most 32 MiB.
-    if not libc.mallopt(m_mmap_threshold, 2**30):
-        libc.mallopt(m_mmap_threshold, 2**25)
-    libc.mallopt(m_trim_threshold, 2**30)  # and give the heap's top back only past 1 GiB
-
-
-def fast_bf16(kind):
-    """Whether the device multiplies bf16 matrices much faster than fp32 ones: a GPU that
-    supports bf16 (tensor cores), or a CPU with AMX tiles (Intel Xeon from Sapphire Rapids
-    on), where oneDNN runs a bf16 matrix product several times faster than an fp32 one
-    (a KoGPT2-sized step 1.67x faster; see the README's performance section). Other CPUs
-    keep fp32: for them autocast's casts would add work for little or no gain."""
-    if kind == "cuda":  # not counting emulation (V100, T4), which is slower than fp32
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private; torch 2.9 has it
-    return kind == "cpu" and amx is not None and amx() and torch.backends.mkldnn.is_available()
 
 
 class Backend:
@@ -319,6 +287,10 @@ class XlaBackend(Backend):
         return cpu_copy(model)
 
 
+JOIN_TIMEOUT = datetime.timedelta(seconds=60)  # from the first process's arrival to the last's
+SAYS_WHY = "it says why in its own output, or its torchrun does"
+
+
 class TorchrunBackend(Backend):
     """One of the processes that `torchrun` starts: one per GPU (NCCL), or several on a CPU
     (gloo), on one host or many. Every process runs the whole script; RANK, LOCAL_RANK and
@@ -335,11 +307,33 @@ class TorchrunBackend(Backend):
         self.device = torch.device(kind, local_rank if kind == "cuda" else None)
         # Gradients and losses live on the GPU and go through NCCL; flags and barrier
         # payloads are CPU tensors and go through gloo, so agreeing on a stop never waits
-        # for the GPU's queue. MASTER_ADDR and MASTER_PORT come from torchrun.
-        dist.init_process_group("cpu:gloo,cuda:nccl" if kind == "cuda" else "gloo")
-        # Once the host's first process has prepared the run (main), every process takes
-        # the first one's precision: hosts with and without AMX would otherwise differ.
+        # for the GPU's queue.
+        self.join("cpu:gloo,cuda:nccl" if kind == "cuda" else "gloo")
+        # Every process takes the first one's precision: hosts with and without AMX would
+        # otherwise differ.
         self.precision = self.barrier("started", self.precision)[0]
+
+    def join(self, group):
+        """Meet the others within JOIN_TIMEOUT, not torch's 30 minutes: torchrun starts them
+        all at once, so one missing by then has failed (and says why). Once all are here,
+        one that ends closes its connections, and the others' next collective fails at
+        once; the default timeout then lets a long save keep the others waiting."""
+        try:
+            self.dist.init_process_group(group, timeout=JOIN_TIMEOUT)
+        except self.dist.DistError as e:
+            raise ReplicaLost(f"not all {self.world_size} processes of the run started within "
+                              f"{JOIN_TIMEOUT.seconds} s ({first_line(e)}); {SAYS_WHY}") from None
+        c10d = self.dist.distributed_c10d
+        c10d._set_pg_timeout(c10d._get_default_timeout(self.dist.Backend(group)))
+
+    @contextlib.contextmanager
+    def collective(self, what):
+        """A failed collective, as one line: another process has ended or is unreachable."""
+        try:
+            yield
+        except RuntimeError as e:  # gloo's and the store's errors (DistError is one too)
+            raise ReplicaLost(f"another process of the run ended or cannot be reached ({what}: "
+                              f"{first_line(e)}); {SAYS_WHY}") from None
 
     def describe(self):
         name = torch.cuda.get_device_name() if self.device.type == "cuda" else "CPU"
@@ -366,17 +360,20 @@ class TorchrunBackend(Backend):
 
     def all_reduce_sum(self, tensor):
         tensor = tensor.clone()  # all_reduce works in place
-        self.dist.all_reduce(tensor)
+        with self.collective("a sum"):
+            self.dist.all_reduce(tensor)
         return tensor
 
     def any_replica(self, flag):
         flag = torch.tensor([float(flag)])  # on the CPU: gloo, no wait for the GPU
-        self.dist.all_reduce(flag, op=self.dist.ReduceOp.MAX)
+        with self.collective("agreeing on a flag"):
+            self.dist.all_reduce(flag, op=self.dist.ReduceOp.MAX)
         return flag.item() > 0
 
     def barrier(self, name, payload=b""):
         payloads = [None] * self.world_size
-        self.dist.all_gather_object(payloads, payload)
+        with self.collective(f"barrier {name!r}"):
+            self.dist.all_gather_object(payloads, payload)
         return payloads
 
     def seed_step(self, step):

@@ -36,6 +36,11 @@ def not_utf8(argument):
     return any("\udc80" <= char <= "\udcff" for char in argument)
 
 
+class ReplicaLost(Exception):
+    """Another replica of the run (a process, a host) ended or did not start: the replicas
+    that saw it say so in one line each; the one that failed says why in its own output."""
+
+
 def first_line(error):
     """The first line of `error`'s message (its type's name when it has none), cut to 200
     characters: enough to say what went wrong inside one line of ours."""

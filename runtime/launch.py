@@ -12,32 +12,41 @@ import time
 import traceback
 from concurrent.futures.process import BrokenProcessPool
 
-from runtime.backends import (Backend, TorchrunBackend, XlaBackend, first_on_host,
-                              started_by_torchrun)
-from runtime.signals import Interrupted, StopSignal
+from options import started_by_torchrun
+from runtime.agreement import check_same_run
+from runtime.backends import Backend, TorchrunBackend, XlaBackend, first_on_host
+from runtime.errors import InputError, ReplicaLost
+from runtime.signals import STOP_SIGNALS, Interrupted, StopSignal
 
 
-def run_process(train, cfg, kind, agreed=()):
-    """Run `train` in this process: alone, or as one of those torchrun starts."""
+def run_process(train, prepare, cfg, kind, agreed=()):
+    """Run `train` in this process: alone, or as one of those torchrun starts. `prepare(cfg)`
+    is the work done once on each host before training (see train.py's)."""
     if not started_by_torchrun():
+        prepare(cfg)
         StopSignal.install()
         return train(Backend(kind, cfg.precision), cfg)
-    backend = TorchrunBackend(kind, cfg.precision)  # waits for every process
-    # Only now: until every process is up, torchrun ends a waiting one with SIGTERM when
-    # another fails to start.
-    StopSignal.install()
+    stop_with_launcher()
+    backend = TorchrunBackend(kind, cfg.precision)  # every process joins, or all stop
     try:
+        prepare_on_each_host(backend, prepare, cfg, agreed)
+        check_same_run(backend, cfg.settings, cfg.data.files())
+        # Only now: until every process is ready, torchrun ends a waiting one with SIGTERM
+        # when another fails to start.
+        StopSignal.install()
         train(backend, cfg)
-    except agreed as error:
+    except (*agreed, ReplicaLost) as error:
         # The traceback holds train()'s frame and so DDP, whose reducer must be gone before
         # the process group it uses: drop the frames' locals (the lines stay for --debug).
         traceback.clear_frames(error.__traceback__)
         # Leaving together. Once one process has left, torchrun sends SIGTERM to the others:
         # with nothing left to save, it must not end them as a second signal would.
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in STOP_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
         backend.close()
-        if not first_on_host():  # every process raised it: the host's first prints it
+        # Every process raised an agreed error: the host's first prints it. A lost process
+        # is seen by each apart.
+        if not first_on_host() and not isinstance(error, ReplicaLost):
             raise SystemExit(128 + error.signum if isinstance(error, Interrupted) else 1)
         raise
     # Not after other errors: they may have reached one process alone, and torchrun ends
@@ -45,14 +54,56 @@ def run_process(train, cfg, kind, agreed=()):
     backend.close()
 
 
-def spawn_replicas(train, cfg, one_core=False, agreed=()):
-    """Run `train(XlaBackend, cfg)` on every XLA device (one, with `one_core`)."""
+def prepare_on_each_host(backend, prepare, cfg, agreed):
+    """The first process of each host prepares the run while the others wait for it; a
+    host that cannot (a corpus missing there, say) stops every process at once, each host
+    saying why in one line, instead of leaving the others waiting in a collective."""
+    error = None
+    if first_on_host():
+        try:
+            prepare(cfg)
+        except agreed as e:
+            error = e
+    reasons = backend.barrier("prepared", None if error is None else str(error))
+    if error is not None:
+        raise error
+    for rank, reason in enumerate(reasons):
+        if reason is not None:
+            raise InputError(f"process {rank} could not start the run: {reason}")
+
+
+def stop_with_launcher():
+    """torchrun's agent started this process: when it ends (kill -9, its machine's OOM
+    killer), nothing passes a signal on, and the process would go on training, holding
+    the output directory's lock. A SIGTERM to itself, once its parent is gone, saves the
+    step and stops, as torchrun's own SIGTERM would. Only under torchrun's agent: a script
+    of one's own may well exit and leave its processes running."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    launcher = os.getppid()
+
+    def watch():
+        while os.getppid() == launcher:
+            time.sleep(1)
+        with contextlib.suppress(Exception):  # its stderr may be gone with it
+            print(f"\nprocess {os.getpid()}: torchrun (pid {launcher}), which started it, "
+                  f"has ended; stopping at the next report step", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=watch, name="stop-with-launcher", daemon=True).start()
+
+
+def spawn_replicas(train, prepare, cfg, one_core=False, agreed=()):
+    """Run `train(XlaBackend, cfg)` on every XLA device (one, with `one_core`), after
+    `prepare(cfg)` here, once for the host."""
     import torch_xla.distributed.xla_multiprocessing as xmp
-    # Ctrl-C reaches every replica from the terminal; a SIGTERM sent to this process
-    # alone (a preempted TPU VM, `kill`) is passed on so that every replica saves.
+    prepare(cfg)
+    # Ctrl-C reaches every replica from the terminal; a SIGTERM or SIGHUP sent to this
+    # process alone (a preempted TPU VM, `kill`, the end of an SSH session it leads) is
+    # passed on so that every replica saves.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda signum, frame: [
-        os.kill(child.pid, signum) for child in multiprocessing.active_children()])
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, lambda signum, frame: [
+            os.kill(child.pid, signum) for child in multiprocessing.active_children()])
     # nprocs: None means every device; recent torch_xla accepts nothing but 1 or None.
     with ReplicaProcesses() as replicas:
         try:
@@ -124,6 +175,7 @@ class Replica:
             StopSignal.install()  # nprocs=1: this replica runs in the launcher itself
         backend = XlaBackend(cfg.precision)
         try:
+            check_same_run(backend, cfg.settings, cfg.data.files())
             self.train(backend, cfg)
         except self.agreed:
             raise  # every replica raises it together

@@ -1,8 +1,12 @@
-"""Ctrl-C and SIGTERM as a flag that the loop reads between steps, so that the step in
-flight finishes and is saved; and the exceptions that carry a stop out of the loop."""
+"""Ctrl-C, SIGTERM and SIGHUP as a flag that the loop reads between steps, so that the step
+in flight finishes and is saved; and the exceptions that carry a stop out of the loop."""
 import os
 import signal
+import stat
 import sys
+
+# Ctrl-C; preemption, `kill`, torchrun passing either on; a closed terminal or SSH session.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class Interrupted(Exception):
@@ -27,24 +31,46 @@ class StopRequested(Exception):
 
 
 class StopSignal:
-    """SIGINT (Ctrl-C) and SIGTERM (preemption, `kill`) become a flag that the loop checks
-    between steps, so the step in flight finishes and a checkpoint is written. A second
-    signal stops the process at once. One flag per process."""
+    """SIGINT (Ctrl-C), SIGTERM (preemption, `kill`) and SIGHUP (the terminal or SSH session
+    closed) become a flag that the loop checks between steps, so the step in flight
+    finishes and a checkpoint is written. A second signal stops the process at once; but
+    not another SIGHUP: one hang-up can arrive twice (from the shell that passes it on to
+    its jobs and from the launcher that passes it on to its replicas). One flag per
+    process."""
     signum = None
 
     @classmethod
     def install(cls):
         cls.signum = None
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in STOP_SIGNALS:
             signal.signal(signum, cls.handle)
 
     @classmethod
     def handle(cls, signum, frame):
+        if signum == signal.SIGHUP:
+            silence_hung_up_terminal()
         if cls.signum is None:
             cls.signum = signum
+            return
+        if signum == cls.signum == signal.SIGHUP:
             return
         # A newline first: the progress bar's line is left open.
         print(f"\n{signal.Signals(signum).name} again: stopped at once; nothing more was saved "
               f"(the last checkpoint is intact: --resume latest continues from it)",
               file=sys.stderr, flush=True)
         os._exit(128 + signum)
+
+
+def silence_hung_up_terminal(fds=(1, 2)):
+    """Point stdout and stderr at /dev/null when they were a terminal that has hung up:
+    every write there fails (EIO), and the first report line would end the run before it
+    saves. A terminal that hung up is still a character device but no longer a tty."""
+    for fd in fds:
+        try:
+            hung_up = stat.S_ISCHR(os.fstat(fd).st_mode) and not os.isatty(fd)
+        except OSError:  # closed
+            continue
+        if hung_up:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, fd)
+            os.close(null)

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import fixtures
 import pytest
@@ -50,24 +51,35 @@ def torchrun(args, script="train.py", timeout=300):
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
-def two_hosts(args, timeout=300):
+def start_two_hosts(args_of_node):
     """Two torchrun commands of one process each, as two hosts (nodes 0 and 1) that meet at
-    a rendezvous on this machine; returns node 0's CompletedProcess after both end."""
+    a rendezvous on this machine; node K runs train.py with `args_of_node(K)`."""
     with socket.socket() as probe:
         probe.bind(("localhost", 0))
         port = probe.getsockname()[1]
-    nodes = [subprocess.Popen(
+    return [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(k),
          "--nproc_per_node", "1", "--rdzv_endpoint", f"localhost:{port}", str(ROOT / "train.py"),
-         *args], cwd=ROOT, env=os.environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True) for k in (0, 1)]
+         *args_of_node(k)], cwd=ROOT, env=os.environ, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True) for k in (0, 1)]
+
+
+def both_ended(nodes, timeout):
+    """Each node's CompletedProcess once both have ended."""
     try:
         outputs = [node.communicate(timeout=timeout) for node in nodes]
     finally:
         for node in nodes:
             node.terminate()
-    assert nodes[1].returncode == 0, outputs[1][1]
-    return subprocess.CompletedProcess(nodes[0].args, nodes[0].returncode, *outputs[0])
+    return [subprocess.CompletedProcess(node.args, node.returncode, *output)
+            for node, output in zip(nodes, outputs)]
+
+
+def two_hosts(args, timeout=300):
+    """Both hosts run train.py with `args`; returns node 0's CompletedProcess."""
+    first, second = both_ended(start_two_hosts(lambda k: args), timeout)
+    assert second.returncode == 0, second.stderr
+    return first
 
 
 def run_args(model, corpus, out, batch_size, *extra):
@@ -181,3 +193,82 @@ def test_sigterm_kill_9_and_resume_at_2_processes_end_as_an_uninterrupted_run(
         "error: --resume: the checkpoint was trained on 2 replicas and this run has 1; "
         "resume on as many devices (torchrun's --nnodes x --nproc_per_node, CPU_NUM_DEVICES "
         "for XLA on the CPU, the same TPU), or start a new --downstream_model_dir")
+
+
+def error_lines(stderr):
+    """Our lines, without what torchrun prints about the processes it saw fail."""
+    return [line for line in stderr.splitlines() if line.startswith(("error: ", "stopped by "))]
+
+
+def test_a_process_started_with_other_arguments_stops_every_process_before_training(
+        tiny_model, corpus, tmp_path):
+    """Process 1 alone gets another --max_steps (a wrapper adds it): one line names the
+    flag, and nothing is trained."""
+    wrapper = tmp_path / "rank_1_differs.py"
+    wrapper.write_text(
+        "import os, runpy, sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "if os.environ['RANK'] == '1':\n"
+        "    sys.argv += ['--max_steps', '3']\n"
+        f"runpy.run_path({str(ROOT / 'train.py')!r}, run_name='__main__')\n")
+    out = tmp_path / "out"
+    result = torchrun(run_args(tiny_model, corpus, out, 16, "--max_steps", "2"),
+                      script=str(wrapper), timeout=120)
+    assert result.returncode != 0
+    assert error_lines(result.stderr) == [
+        "error: --max_steps is 3 in replica 1 but 2 in replica 0: every replica of a run, on "
+        "every host, needs the same arguments"], result.stderr
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_a_host_that_fails_to_start_stops_the_other_at_once_with_its_reason(
+        tiny_model, corpus, tmp_path):
+    """Host 1's copy of the corpus is broken, so its first process cannot prepare the run:
+    host 0 stops within seconds saying so in one line, instead of waiting in a collective
+    (torch's default: 30 minutes)."""
+    broken = tmp_path / "broken"
+    (broken / "nsmc").mkdir(parents=True)
+    (broken / "nsmc" / "ratings_train.txt").write_text("")
+    (broken / "nsmc" / "ratings_test.txt").write_bytes(
+        (corpus / "nsmc" / "ratings_test.txt").read_bytes())
+    args = run_args(tiny_model, corpus, tmp_path / "out", 16, "--max_steps", "2")
+    started = time.monotonic()
+    nodes = start_two_hosts(lambda k: args + ["--downstream_corpus_root_dir", str(broken)] * k)
+    try:
+        first, second = both_ended(nodes, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("host 0 was still waiting for host 1 after 2 minutes", pytrace=False)
+    assert time.monotonic() - started < 90
+    reason = (f"{broken / 'nsmc' / 'ratings_train.txt'}: the file is empty; expected the header "
+              f"'id<TAB>document<TAB>label' and one review per line")
+    assert error_lines(second.stderr) == [f"error: {reason}"], second.stderr
+    assert error_lines(first.stderr) == [
+        f"error: process 1 could not start the run: {reason}"], first.stderr
+    assert first.returncode != 0 and second.returncode != 0
+
+
+def test_processes_whose_torchrun_is_killed_save_their_step_and_stop(
+        tiny_model, corpus, tmp_path):
+    """kill -9 of torchrun while its processes train: no signal reaches them from it, yet
+    they save the step and end within seconds, leaving the output directory's lock free."""
+    out = tmp_path / "out"
+    args = run_args(tiny_model, corpus, out, 16, "--max_steps", "6")
+    # Each process waits after step 2 (up to 2 minutes) for a signal: one that keeps
+    # training would still be there.
+    process = start_torchrun(["await-signal", "2", "--", *args], "tests/interrupt.py")
+    try:
+        wait_for(lambda: (out / "metrics.jsonl").exists(), process, "the first evaluation")
+        process.kill()
+        killed = time.monotonic()
+        # The processes hold torchrun's output pipes: they are closed once both have ended.
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert time.monotonic() - killed < 30
+    assert stderr.count("which started it, has ended; stopping at the next report step") == 2
+    assert error_lines(stderr) == [
+        f"stopped by SIGTERM at step 2: saved {out / 'checkpoint-2'}. To continue, run the "
+        f"same command with --resume latest"], stderr
+    assert runtime.rundir.is_complete(out / "checkpoint-2")
+    with runtime.rundir.exclusive(out):  # no process holds the lock any more
+        pass
