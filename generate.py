@@ -121,6 +121,9 @@ def polarity_words(polarity):
 
 def check_args(args):
     """Reject values that cannot work, naming the flag, before the model loads."""
+    options.refuse_empty_paths(args, ["downstream_model_dir", "downstream_corpus_root_dir",
+                                      "downstream_corpus_name", "val_file", "train_file",
+                                      "cache_dir"])
     if args.polarity not in [*POLARITY.values(), "both", "none"]:
         raise InputError(f"--polarity {args.polarity}: choose 긍정 (positive), 부정 (negative), "
                          f"both, or none")
