@@ -29,7 +29,8 @@ from runtime.errors import CheckpointError, InputError, first_line
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 
-CHECKPOINT_FILES = ("config.json", "model.safetensors", "training_state.pt", "rng_state_0.pt")
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "training_state.pt",
+                    "rng_state_0.pt")
 
 
 BEST_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors",
