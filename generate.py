@@ -124,6 +124,9 @@ def polarity_words(polarity):
 
 def check_args(args):
     """Reject values that cannot work, naming the flag, before the model loads."""
+    options.refuse_empty_paths(args, ["downstream_model_dir", "downstream_corpus_root_dir",
+                                      "downstream_corpus_name", "val_file", "train_file",
+                                      "cache_dir"])
     for name in ["polarity", "prompt"]:
         if not_utf8(getattr(args, name)):
             raise InputError(f"--{name} is not UTF-8 (a terminal in cp949 or euc-kr sends "

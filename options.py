@@ -130,11 +130,13 @@ def check_args(args):
     if args.tpu_cores == 0 and args.device == "xla":
         raise InputError("--tpu_cores 0 contradicts --device xla; drop one of them")
     check_tpu_cores(args.device, args.tpu_cores)
+    refuse_empty_paths(args, PATH_FLAGS)
     # A local model is recorded by absolute path, so a resumed run from another
-    # working directory still finds it and compares equal.
+    # working directory still finds it.
     if Path(args.pretrained_model_name).expanduser().is_dir():
         args.pretrained_model_name = str(Path(args.pretrained_model_name).expanduser().resolve())
     args.downstream_model_dir = str(Path(args.downstream_model_dir).expanduser())
+    check_output_apart(args)
 
 
 def require(ok, flag, value, what):
@@ -156,6 +158,48 @@ def check_tpu_cores(device, tpu_cores):
     if not xla_accelerator() and not (device == "xla" and tpu_cores == 1):
         raise InputError(f"--tpu_cores {tpu_cores}: no TPU is attached to this machine; leave "
                          f"--tpu_cores out")
+
+
+# The flags that name a file or a folder (--pretrained_model_name: or a hub name).
+PATH_FLAGS = ["pretrained_model_name", "downstream_corpus_name", "downstream_corpus_root_dir",
+              "downstream_model_dir", "cache_dir", "train_file", "val_file", "resume"]
+
+
+def refuse_empty_paths(args, flags):
+    """An empty path is the current directory to pathlib (--downstream_model_dir "" would
+    write into it), or no file at all to a test of truth (--train_file "" would train on
+    NSMC): most likely a variable that was never set."""
+    for name in flags:
+        value = getattr(args, name)
+        if value is not None and not value.strip():
+            raise InputError(f"--{name} is empty; give a path, or leave the flag out for its "
+                             f"default")
+
+
+def check_output_apart(args):
+    """The output directory gets the best model written over its top and, with
+    --overwrite_output_dir, an earlier run deleted from it: what the run reads (a local
+    --pretrained_model_name, the checkpoint --resume names) must lie elsewhere."""
+    if args.resume == "latest" and args.overwrite_output_dir:
+        raise InputError("--resume latest continues the run in --downstream_model_dir and "
+                         "--overwrite_output_dir deletes it; drop one of them")
+    out = Path(args.downstream_model_dir).resolve()
+    read = [("--pretrained_model_name", args.pretrained_model_name)]
+    read += [("--resume", args.resume)] if args.resume not in (None, "latest") else []
+    for flag, name in read:
+        source = Path(name).expanduser().resolve()
+        if not source.is_dir():
+            continue  # a hub name, or a checkpoint that does not exist: named later
+        if out == source:
+            hint = " (--resume latest continues the run in it)" if flag == "--resume" else ""
+            raise InputError(f"--downstream_model_dir {args.downstream_model_dir} is the "
+                             f"folder of {flag} {name}: the run would write its best model "
+                             f"over what it reads; choose another --downstream_model_dir{hint}")
+        if args.overwrite_output_dir and (out in source.parents or source in out.parents):
+            where = "holds" if out in source.parents else "lies inside"
+            raise InputError(f"--overwrite_output_dir: --downstream_model_dir "
+                             f"{args.downstream_model_dir} {where} {flag} {name}, which the run "
+                             f"reads; choose a --downstream_model_dir apart from it")
 
 
 # --------------------------------------------------------------------------- XLA or not

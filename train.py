@@ -31,14 +31,14 @@ from model import (WITHOUT_LOGITS, check_loadable, load_model, load_tokenizer, m
                    output_layer_at, packs_reviews, splits_off_output_layer)
 from options import check_args, parse_args
 from runtime.backends import choose_device
-from runtime.checkpoint import (CheckpointConfig, corpus_digest, export_best, restore,
-                                save_checkpoint)
+from runtime.checkpoint import (CheckpointConfig, content_digests, export_best, restore,
+                                run_tokenizer, save_checkpoint)
 from runtime.errors import CheckpointError, InputError, NonFiniteLoss, ReplicaLost
 from runtime.launch import run_process, spawn_replicas
 from runtime.progress import Milestones, Progress, planned_steps
 from runtime.reporting import LossMeter, MetricsLog, Plan, print_banner, print_evaluation
 from runtime.rundir import (agreed_checkpoint, check_fresh_start, check_output_shared,
-                            exclusive, find_resume_checkpoint, master_writes)
+                            continues_here, delete_earlier_run, exclusive, master_writes)
 from runtime.signals import Interrupted, StopRequested, StopSignal
 from task.nsmc import NsmcTask, TaskConfig
 
@@ -148,13 +148,13 @@ def train(backend, cfg):
     """The whole run on one replica: every backend enters here."""
     backend.seed(cfg.seed)
     out = Path(cfg.checkpoint.downstream_model_dir)
-    tokenizer = load_tokenizer(cfg.pretrained_model_name)
+    check_output_shared(backend, out)
+    checkpoint = agreed_checkpoint(backend, cfg.checkpoint.resume, out)
+    tokenizer = load_tokenizer(str(checkpoint or cfg.pretrained_model_name))  # prepare: alike
     train_features, val_features = data.load_corpus(cfg.data, tokenizer, backend.is_master)
     batches_per_epoch, steps_per_epoch = data.replica_steps(
         len(train_features), cfg.data.batch_size, backend.world_size, cfg.grad_accum_steps)
     total_steps = planned_steps(steps_per_epoch, cfg.epochs, cfg.max_steps, backend.is_master)
-    check_output_shared(backend, out)
-    checkpoint = agreed_checkpoint(backend, cfg.checkpoint.resume, out)
     model = load_model(str(checkpoint or cfg.pretrained_model_name), tokenizer,
                        device=backend.device).train()
     data.record_polarity_words(model.config, train_features)
@@ -171,13 +171,14 @@ def train(backend, cfg):
     files = cfg.data.files()
     task = NsmcTask(cfg.task, tokenizer, val_features, *files)
     # What the flags leave to the machine: a resumed run says when they came out otherwise.
-    settings = {**cfg.settings, "world_size": backend.world_size,
-                "corpus": corpus_digest(files), "precision": backend.precision}
+    settings = {**cfg.settings, **content_digests(files, cfg.pretrained_model_name, tokenizer),
+                "world_size": backend.world_size, "precision": backend.precision}
     progress = (restore(checkpoint, cfg.checkpoint, backend, optimizer, scheduler, settings)
                 if checkpoint else Progress())
     log = MetricsLog(out / "metrics.jsonl", backend.is_master, steps_per_epoch,
                      tensorboard=cfg.report_to == "tensorboard")
-    master_writes(backend, lambda: log.restart_after(progress.step if checkpoint else None))
+    here = checkpoint and continues_here(str(checkpoint), out)  # else this folder's log is new
+    master_writes(backend, lambda: log.restart_after(progress.step if here else None))
     print_banner(settings, backend, train_features, val_features, steps_per_epoch,
                  total_steps, warmup, checkpoint, progress, packed)
 
@@ -255,14 +256,13 @@ def prepare(cfg):
     process once all have joined): check the model name and the output directory, find or
     download the corpus, tokenize it into the cache, train the task's judge. Replicas then
     only read the caches."""
-    ckpt = cfg.checkpoint
-    check_fresh_start(ckpt.downstream_model_dir, ckpt.resume, ckpt.overwrite_output_dir)
-    if ckpt.resume != "latest":  # a path: check it here, not in the replicas
-        find_resume_checkpoint(ckpt.resume, ckpt.downstream_model_dir)
-    check_loadable(cfg.pretrained_model_name, "--pretrained_model_name", cfg.data.max_seq_length)
-    tokenizer = load_tokenizer(cfg.pretrained_model_name)
+    ckpt, out, name = cfg.checkpoint, cfg.checkpoint.downstream_model_dir, cfg.pretrained_model_name
+    earlier_run = check_fresh_start(out, ckpt.resume, ckpt.overwrite_output_dir)
+    check_loadable(name, "--pretrained_model_name", cfg.data.max_seq_length)
+    tokenizer = run_tokenizer(ckpt.resume, out, name)
     _, val_features = data.load_corpus(cfg.data, tokenizer)
     NsmcTask(cfg.task, tokenizer, val_features, *cfg.data.files()).prepare()
+    delete_earlier_run(out, earlier_run)  # --overwrite_output_dir, once nothing refused
 
 
 # Errors every replica raises together, which main turns into one line.

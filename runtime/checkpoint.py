@@ -11,6 +11,8 @@ moment loses nothing already saved. rundir.py finds them again. A CPU/GPU-only c
 loop can keep `save_checkpoint`/`restore` and drop the barriers (they do nothing there).
 """
 import hashlib
+import json
+import math
 import os
 import shutil
 import sys
@@ -18,12 +20,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
-from model import cpu_state_dict, save_pretrained
+from corpus.features import tokenizer_fingerprint
+from model import cpu_state_dict, from_pretrained, load_tokenizer, save_pretrained
 from runtime.errors import CheckpointError, InputError, NonFiniteLoss, add_file_bytes, first_line
 from runtime.progress import Progress
-from runtime.rundir import (WRITE_ERRORS, drop_later_checkpoints, latest_checkpoint,
-                            master_writes, prune_checkpoints, saving)
+from runtime.rundir import (WRITE_ERRORS, continues_here, drop_later_checkpoints,
+                            find_resume_checkpoint, latest_checkpoint, master_writes,
+                            move_model_into,
+                            prune_checkpoints, saving)
 
 
 @dataclass
@@ -37,9 +43,9 @@ class CheckpointConfig:
 
 
 # On resume, settings that change what a step computes or the schedule under way are
-# refused: with others the run would not be the one it continues. The corpus is compared by
-# content (its files' SHA-256), so its folder may move.
-FIXED_ON_RESUME = ["pretrained_model_name", "max_seq_length", "batch_size", "grad_accum_steps",
+# refused: with others the run would not be the one it continues. The model and the corpus
+# are compared by content (SHA-256), so their folders may move.
+FIXED_ON_RESUME = ["model", "max_seq_length", "batch_size", "grad_accum_steps",
                    "seed", "epochs", "max_steps", "warmup_ratio", "warmup_steps", "world_size",
                    "corpus", "group_by_length"]
 # Applied from the resumed step on, in place of the values the optimizer saved.
@@ -133,10 +139,9 @@ def replace_dir(src, dst):
 
 def export_best(out, backend, model, tokenizer, step):
     """The best model so far, in Hugging Face format, at the top of `out`, so that
-    `from_pretrained(out)` loads it. Written into a folder beside it, then each file renamed
-    into place, `config.json` last: a kill at any moment leaves a model that loads (each
-    rename is whole, and within a run only the weights change), or, during the very first
-    export, no config.json and so no model at all."""
+    `from_pretrained(out)` loads it. Written into a folder beside it, then moved into place
+    (rundir.move_model_into): a kill at any moment leaves the previous model or this one,
+    whole, or no config.json and so no model at all."""
     out, tmp = Path(out), Path(out) / ".best.tmp"
     check_finite_weights(model, step)  # every replica: the weights are the same on each
 
@@ -145,8 +150,7 @@ def export_best(out, backend, model, tokenizer, step):
             with saving(out / "the best model", previous=out):
                 shutil.rmtree(tmp, ignore_errors=True)
                 save_pretrained(model, tokenizer, tmp, cpu_state_dict(model))
-                for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):
-                    os.replace(f, out / f.name)
+                move_model_into(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     master_writes(backend, write)
@@ -159,9 +163,18 @@ def check_resume_args(saved, current, warn=True):
     """Refuse to continue with settings that change the work; say what the rest do.
     `saved` and `current`: the checkpoint's settings and this run's, flag by flag, with what
     the flags leave to the machine (world_size, corpus, precision)."""
+    fixed = FIXED_ON_RESUME
+    if "model" not in saved:  # saved before 2026-12: the model is known by its name alone
+        saved, fixed = {**saved, "model": current["model"]}, fixed + ["pretrained_model_name"]
     changed = [k for k in current if k not in NOT_COMPARED and saved.get(k) != current[k]]
-    fatal = [k for k in changed if k in FIXED_ON_RESUME]
+    fatal = [k for k in changed if k in fixed]
     world_size = current["world_size"]
+    if "model" in fatal:
+        raise InputError(f"--resume: --pretrained_model_name {current['pretrained_model_name']} "
+                         f"is not the model the checkpoint was trained from "
+                         f"({saved.get('pretrained_model_name')}): its config or tokenizer "
+                         f"differs; resume with that model, or start a new "
+                         f"--downstream_model_dir")
     if "corpus" in fatal:
         raise InputError("--resume: the corpus files differ from the ones the checkpoint was "
                          "trained on (edited, or another --downstream_corpus_root_dir); "
@@ -180,6 +193,43 @@ def check_resume_args(saved, current, warn=True):
         applied = " (applied from the resumed step on)" if k in APPLIED_ON_RESUME else ""
         print(f"warning: --resume: --{k} changed from {saved.get(k)!r} to {current[k]!r}"
               f"{applied}", file=sys.stderr)
+
+
+def content_digests(files, name, tokenizer):
+    """The corpus and the model a run trains on, known by content, so that a resume
+    recognises them wherever they now lie."""
+    return {"corpus": corpus_digest(files), "model": model_digest(name, tokenizer)}
+
+
+def model_digest(name, tokenizer):
+    """SHA-256 of what a run takes from its pretrained model `name`: its config (less the
+    version of the library that saved it) and the tokenizer. Not its weights: a resumed run
+    loads its checkpoint's."""
+    config = from_pretrained(AutoConfig, name, "--pretrained_model_name").to_diff_dict()
+    config.pop("transformers_version", None)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    digest.update(tokenizer_key(tokenizer).encode())
+    return digest.hexdigest()
+
+
+def tokenizer_key(tokenizer):
+    """What makes two tokenizers tokenize alike: their definition and special tokens."""
+    return f"{tokenizer_fingerprint(tokenizer)}|{tokenizer.eos_token_id}|{tokenizer.pad_token_id}"
+
+
+def run_tokenizer(resume, out, name):
+    """The tokenizer a run tokenizes with: --pretrained_model_name's (`name`), or on resume
+    the one its checkpoint carries, which must tokenize alike (the corpus cache is keyed by
+    it). A --resume path is checked here, once, before any replica starts."""
+    checkpoint = find_resume_checkpoint(resume, out, quiet=True)
+    if checkpoint is None:
+        return load_tokenizer(name)
+    tokenizer = load_tokenizer(str(checkpoint), "--resume")
+    if tokenizer_key(tokenizer) != tokenizer_key(load_tokenizer(name)):
+        raise InputError(f"--resume: the tokenizer of --pretrained_model_name {name} differs "
+                         f"from the one {checkpoint} was trained with; resume with the model "
+                         f"the run started from, or start a new --downstream_model_dir")
+    return tokenizer
 
 
 def corpus_digest(files):
@@ -204,6 +254,8 @@ def restore(path, cfg, backend, optimizer, scheduler, settings):
                           settings["weight_decay"])
     backend.set_rng_state(torch.load(path / f"rng_state_{backend.rank}.pt", weights_only=True))
     progress = Progress(**state["progress"])
+    if not continues_here(str(path), cfg.downstream_model_dir):
+        progress.best_val_loss = math.inf  # a new folder: its first evaluation exports
     master_writes(backend, lambda: drop_later_checkpoints(cfg.downstream_model_dir,
                                                           progress.step))
     return progress

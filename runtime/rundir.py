@@ -10,6 +10,7 @@ files that exist but are cut short).
 """
 import contextlib
 import fcntl
+import filecmp
 import json
 import os
 import shutil
@@ -28,11 +29,14 @@ from runtime.errors import CheckpointError, InputError, first_line
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 
-CHECKPOINT_FILES = ("config.json", "model.safetensors", "training_state.pt", "rng_state_0.pt")
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "training_state.pt",
+                    "rng_state_0.pt")
 
 
 BEST_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors",
                     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# Weights in other layouts than one model.safetensors, which another model may have left.
+OTHER_WEIGHTS = ("model-*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin")
 
 
 def master_writes(backend, write):
@@ -64,13 +68,43 @@ def saving(what, previous):
 
 
 def checkpoints(out):
-    """checkpoint-<step> folders in `out`, newest first (temporary ones included)."""
+    """checkpoint-<step> folders in `out`, newest first by name (temporary ones included)."""
     found = []
     for path in Path(out).glob("checkpoint-*"):
-        step = path.name.removeprefix("checkpoint-").removesuffix(".tmp")
-        if step.isdigit() and path.is_dir():
-            found.append((int(step), path.name.endswith(".tmp"), path))
+        step = named_step(path)
+        if step is not None and path.is_dir():
+            found.append((step, path.name.endswith(".tmp"), path))
     return [path for _, _, path in sorted(found, reverse=True)]
+
+
+def named_step(path):
+    """The step in the name of a checkpoint-<step> (or checkpoint-<step>.tmp) folder, or
+    None for another name."""
+    name = Path(path).name
+    step = name.removeprefix("checkpoint-").removesuffix(".tmp")
+    return int(step) if name.startswith("checkpoint-") and step.isdigit() else None
+
+
+def held_step(path):
+    """The step that the checkpoint folder `path` holds, read from its training_state.pt
+    without reading the optimizer's tensors (mapped, not loaded), or None when it does not
+    load."""
+    try:
+        state = torch.load(Path(path) / "training_state.pt", weights_only=True, mmap=True)
+        return int(state["progress"]["step"])
+    except Exception:  # whatever a damaged file makes its reader raise
+        return None
+
+
+def misnamed(path):
+    """Why the name of checkpoint folder `path` cannot be trusted (it says another step than
+    the folder holds: renamed or copied by hand), or None. Resuming, going back and pruning
+    all go by the name: a wrong one would have them resume from, or delete, the wrong step."""
+    named, held = named_step(path), held_step(path)
+    if named is None or held is None or named == held:
+        return None
+    return (f"its name says step {named} but it holds step {held} (renamed?); rename it "
+            f"checkpoint-{held}")
 
 
 def is_complete(path):
@@ -102,7 +136,8 @@ def damage(path):
 def latest_checkpoint(out, warn=True):
     """The newest checkpoint that loads; the damaged and unfinished ones are skipped."""
     for path in checkpoints(out):
-        problem = "a save was interrupted" if path.name.endswith(".tmp") else damage(path)
+        problem = ("a save was interrupted" if path.name.endswith(".tmp")
+                   else damage(path) or misnamed(path))
         if problem is None:
             return path
         if warn:
@@ -122,18 +157,21 @@ def check_best_model(out, flag):
 
 
 def prune_checkpoints(out, keep):
-    complete = [p for p in checkpoints(out) if not p.name.endswith(".tmp")]
+    """Delete all but the newest `keep` checkpoints. One whose name is not the step it holds
+    is neither counted nor deleted: its name cannot say whether it is newer."""
+    complete = [p for p in checkpoints(out) if not p.name.endswith(".tmp") and not misnamed(p)]
     for path in complete[keep:]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def find_resume_checkpoint(resume, out):
-    """The folder `--resume` names: None, 'latest' (the newest complete one) or a path."""
+def find_resume_checkpoint(resume, out, quiet=False):
+    """The folder `--resume` names: None, 'latest' (the newest complete one) or a path.
+    `quiet`: without the warnings (a look ahead; the run says them when it resumes)."""
     if resume is None:
         return None
     if resume == "latest":
-        path = latest_checkpoint(out)
-        if path is None:
+        path = latest_checkpoint(out, warn=not quiet)
+        if path is None and not quiet:
             print(f"--resume latest: no checkpoint in {out} yet; starting from the beginning",
                   file=sys.stderr)
         return path
@@ -142,34 +180,87 @@ def find_resume_checkpoint(resume, out):
     if problem:
         raise InputError(f"--resume {resume}: not a checkpoint that loads: {problem}; use "
                          f"another checkpoint-<step> folder, or --resume latest")
+    problem = misnamed(path)
+    if problem:
+        raise InputError(f"--resume {resume}: {problem}, or resume from another checkpoint")
     return path
 
 
+def continues_here(resume, out):
+    """Whether `--resume` continues the run kept in `out`: 'latest', or one of its
+    checkpoints. A checkpoint in another folder starts that run's sequel here."""
+    return resume == "latest" or (resume is not None and Path(resume).expanduser().resolve()
+                                  .parent == Path(out).expanduser().resolve())
+
+
 def check_fresh_start(out, resume, overwrite):
-    """A run that does not resume must not share its folder with an earlier run's
-    checkpoints: --resume latest would then pick whichever has the higher step, and pruning
-    would delete the new run's. Refuse, or with --overwrite_output_dir delete the earlier
-    run: its checkpoints, metrics.jsonl and best model. (On a TPU pod every host does this
-    at once, hence the deletions that tolerate a file already gone.)"""
+    """A run that does not continue the run in its folder (a fresh one, or one resumed from
+    a checkpoint elsewhere) must not share the folder with that run's checkpoints: --resume
+    latest would then pick whichever has the higher step, and going back and pruning would
+    delete the other run's. Refuse, or with --overwrite_output_dir return the earlier run's
+    checkpoints, for delete_earlier_run once every other check has passed."""
     old = checkpoints(out)
-    if resume is not None or not old:
-        return
+    if continues_here(resume, out) or not old:
+        return []
+    if not overwrite and resume is not None:
+        raise InputError(f"--downstream_model_dir {out} holds another run ({old[0].name}) than "
+                         f"the one --resume {resume} continues, and resuming would delete its "
+                         f"checkpoints; choose another --downstream_model_dir, or pass "
+                         f"--overwrite_output_dir to replace that run")
     if not overwrite:
         raise InputError(f"--downstream_model_dir {out} holds an earlier run ({old[0].name}); "
                          f"continue it with --resume latest, pass --overwrite_output_dir to "
                          f"replace it, or choose another directory")
-    for name in BEST_MODEL_FILES + ("metrics.jsonl", ".replicas-see-this"):
-        (Path(out) / name).unlink(missing_ok=True)
+    return old
+
+
+def delete_earlier_run(out, old):
+    """--overwrite_output_dir: delete the checkpoints `old`, metrics.jsonl and the best
+    model. (On a TPU pod every host does this at once, hence the deletions that tolerate a
+    file already gone.)"""
+    if not old:
+        return
+    for path in best_model_files(out) + [Path(out) / "metrics.jsonl",
+                                         Path(out) / ".replicas-see-this"]:
+        path.unlink(missing_ok=True)
     for path in old:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def best_model_files(out):
+    """The files of the best model at the top of `out`."""
+    out = Path(out)
+    return ([out / name for name in BEST_MODEL_FILES if (out / name).is_file()]
+            + [path for pattern in OTHER_WEIGHTS for path in sorted(out.glob(pattern))])
+
+
+def move_model_into(new, out):
+    """Move the files of the model folder `new` to the top of `out`, over the model there, so
+    that `out` holds at every moment the old model whole, the new one whole, or no
+    config.json and so no model at all: never the config of one beside the weights of the
+    other. Between two exports of a run only the weights differ: one file, renamed whole.
+    Otherwise (a first export over another run's model, or over one half written by a
+    kill) config.json is taken away first and put back last, once every file is the new
+    model's."""
+    new, out = Path(new), Path(out)
+    changed = [f for f in sorted(new.iterdir())
+               if not (out / f.name).is_file() or not filecmp.cmp(f, out / f.name, False)]
+    stale = [f for f in best_model_files(out) if not (new / f.name).exists()]
+    if len(changed) > 1 or stale:
+        (out / "config.json").unlink(missing_ok=True)
+        for path in stale:
+            path.unlink(missing_ok=True)
+    for f in sorted(changed, key=lambda f: f.name == "config.json"):
+        os.replace(f, out / f.name)
 
 
 def drop_later_checkpoints(out, step):
     """Resuming from `step` abandons the checkpoints after it (a damaged newest one, or the
     later steps of a run resumed from an earlier point): left there, they would be what
-    --resume latest picks next time, and the pruning would delete the new ones instead."""
+    --resume latest picks next time, and the pruning would delete the new ones instead. One
+    whose name is not the step it holds is left alone: its name says nothing of its step."""
     for path in checkpoints(out):
-        if int(path.name.removeprefix("checkpoint-").removesuffix(".tmp")) > step:
+        if named_step(path) > step and not misnamed(path):
             print(f"warning: removing {path}: it is later than the step resumed from",
                   file=sys.stderr)
             shutil.rmtree(path, ignore_errors=True)

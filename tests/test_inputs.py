@@ -362,3 +362,85 @@ def test_a_model_type_that_is_no_causal_lm(tiny_model, tmp_path):
         check_loadable(str(directory), "--pretrained_model_name", 32)
     assert str(error.value) == (f"--pretrained_model_name {directory}: a distilbert model is "
                                 f"not a causal language model; {CAUSAL_LM_HINT}")
+
+
+# --------------------------------------------------------------------------- paths
+
+TRAIN_PATH_FLAGS = ["--pretrained_model_name", "--downstream_corpus_name",
+                    "--downstream_corpus_root_dir", "--downstream_model_dir", "--cache_dir",
+                    "--train_file", "--val_file", "--resume"]
+
+
+@pytest.mark.parametrize("value", ["", " "])
+@pytest.mark.parametrize("flag", TRAIN_PATH_FLAGS)
+def test_an_empty_path_is_refused(train_args, capsys, flag, value):
+    """--downstream_model_dir "" would be the current directory, --train_file "" no file."""
+    assert train.main(train_args + [flag, value]) == 1
+    assert capsys.readouterr().err == (f"error: {flag} is empty; give a path, or leave the flag "
+                                       f"out for its default\n")
+
+
+@pytest.mark.parametrize("flag", ["--downstream_model_dir", "--val_file", "--cache_dir"])
+def test_generate_py_refuses_an_empty_path_too(capsys, flag):
+    import generate
+    assert generate.main([flag, ""]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: {flag} is empty; give a path, or leave the flag out for its default")
+
+
+def test_resume_latest_with_overwrite_output_dir_is_refused(train_args, tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "checkpoint-2").mkdir(parents=True)
+    assert train.main(train_args + ["--resume", "latest", "--overwrite_output_dir"]) == 1
+    assert capsys.readouterr().err == (
+        "error: --resume latest continues the run in --downstream_model_dir and "
+        "--overwrite_output_dir deletes it; drop one of them\n")
+    assert (out / "checkpoint-2").is_dir()
+
+
+def test_the_output_directory_is_never_the_model_it_starts_from(train_args, tiny_model,
+                                                                tmp_path, capsys):
+    model = model_copy(tiny_model, tmp_path)
+    before = {f.name: f.read_bytes() for f in model.iterdir()}
+    for extra in [[], ["--overwrite_output_dir"]]:
+        assert train.main(train_args + ["--pretrained_model_name", str(model),
+                                        "--downstream_model_dir", str(model), *extra]) == 1
+        assert capsys.readouterr().err == (
+            f"error: --downstream_model_dir {model} is the folder of --pretrained_model_name "
+            f"{model}: the run would write its best model over what it reads; choose another "
+            f"--downstream_model_dir\n")
+    assert {f.name: f.read_bytes() for f in model.iterdir()} == before
+
+
+def checkpoint_folder(path):
+    """A folder that looks like a checkpoint to the checks on paths (they come first)."""
+    path.mkdir(parents=True)
+    (path / "training_state.pt").write_bytes(b"kept")
+    return path
+
+
+OVERLAPS = {
+    "holds the model": lambda out: ("--pretrained_model_name", out / "model", "holds"),
+    "inside the model": lambda out: ("--pretrained_model_name", out.parent, "lies inside"),
+    "holds the checkpoint": lambda out: ("--resume", out / "checkpoint-2", "holds"),
+    "inside the checkpoint": lambda out: ("--resume", out.parent, "lies inside"),
+}
+
+
+@pytest.mark.parametrize("overlap", OVERLAPS.values(), ids=OVERLAPS.keys())
+def test_overwrite_output_dir_never_deletes_what_the_run_reads(train_args, tiny_model, tmp_path,
+                                                               capsys, overlap):
+    out = tmp_path / "work" / "out"
+    flag, source, where = overlap(out)
+    if flag == "--pretrained_model_name":
+        shutil.copytree(tiny_model, source, dirs_exist_ok=True)
+    else:
+        checkpoint_folder(source)
+    checkpoint_folder(out / "checkpoint-6")                     # an earlier run to delete
+    args = train_args + ["--downstream_model_dir", str(out), flag, str(source),
+                         "--overwrite_output_dir"]
+    assert train.main(args) == 1
+    assert capsys.readouterr().err == (
+        f"error: --overwrite_output_dir: --downstream_model_dir {out} {where} {flag} {source}, "
+        f"which the run reads; choose a --downstream_model_dir apart from it\n")
+    assert (out / "checkpoint-6" / "training_state.pt").read_bytes() == b"kept"

@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ import runtime.checkpoint
 import runtime.rundir
 import train
 from model import load_model, load_tokenizer
+from runtime.errors import InputError
 
 SAVED = ["--max_steps", "6", "--save_every_steps", "2", "--keep_checkpoints", "3"]
 
@@ -93,6 +95,109 @@ def test_a_fresh_run_over_an_earlier_run_is_refused_unless_asked_to_replace_it(r
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert [e["step"] for e in read_metrics(out, "eval")] == [0, 4]
     assert GPT2LMHeadModel.from_pretrained(out) is not None
+
+
+def with_flag(args, flag, value):
+    """`args` with `flag` set to `value`."""
+    i = args.index(flag)
+    return args[:i + 1] + [str(value)] + args[i + 2:]
+
+
+@pytest.mark.slow
+def test_a_resume_from_another_folder_never_deletes_the_run_kept_here(run, tmp_path, capsys):
+    """Continued in a folder that holds another run, the run resumed would delete that
+    run's later checkpoints (going back) and its best model (exporting its own)."""
+    out, args = run
+    here = Path(shutil.copytree(out, tmp_path / "here"))          # another run
+    kept = files(here / "checkpoint-6"), files(here)
+    args = with_flag(args, "--downstream_model_dir", here) + [
+        "--resume", str(out / "checkpoint-4"), "--polarity_eval_size", "0"]  # 0: quicker
+    assert train.main(args) == 1
+    assert error_line(capsys) == (
+        f"error: --downstream_model_dir {here} holds another run (checkpoint-6) than the one "
+        f"--resume {out / 'checkpoint-4'} continues, and resuming would delete its "
+        f"checkpoints; choose another --downstream_model_dir, or pass --overwrite_output_dir "
+        f"to replace that run")
+    assert (files(here / "checkpoint-6"), files(here)) == kept
+
+    assert train.main(args + ["--overwrite_output_dir"]) == 0   # replaced, as asked
+    assert sorted(p.name for p in here.glob("checkpoint-*")) == ["checkpoint-6"]
+    assert [e["step"] for e in read_metrics(here)] == [5, 6, 6]  # its own log, from step 4
+    assert GPT2LMHeadModel.from_pretrained(here) is not None     # and its own best model
+    assert runtime.rundir.is_complete(out / "checkpoint-6")      # the folder it read from
+
+
+@pytest.mark.slow
+def test_a_resume_from_another_folder_starts_this_folders_log_afresh(run, tmp_path):
+    """A folder with a killed run's log and no checkpoint: the resumed run's log is new."""
+    out, args = run
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "metrics.jsonl").write_text('{"event": "train", "step": 1, "loss": 9.0}\n')
+    args = with_flag(args, "--downstream_model_dir", fresh)
+    assert train.main(args + ["--resume", str(out / "checkpoint-4"),
+                              "--polarity_eval_size", "0"]) == 0
+    assert [e["step"] for e in read_metrics(fresh)] == [5, 6, 6]
+    assert (fresh / "model.safetensors").is_file()               # its first evaluation exports
+
+
+@pytest.mark.slow
+def test_on_resume_the_model_is_known_by_its_content(run, tiny_model, tmp_path, capsys):
+    """Moved, the same model resumes; replaced (another config, another tokenizer), it is
+    named. The resumed run tokenizes with its checkpoint's tokenizer."""
+    out, args = run
+    moved = Path(shutil.copytree(tiny_model, tmp_path / "moved"))
+    args = with_flag(args, "--pretrained_model_name", moved) + ["--resume", "latest"]
+    assert train.main(args) == 0
+    assert f"--pretrained_model_name changed from '{tiny_model}' to '{moved}'" in (
+        capsys.readouterr().err)
+
+    config = json.loads((moved / "config.json").read_text())
+    (moved / "config.json").write_text(json.dumps({**config, "n_layer": 3}))
+    assert train.main(args) == 1
+    assert error_line(capsys) == (
+        f"error: --resume: --pretrained_model_name {moved} is not the model the checkpoint was "
+        f"trained from ({tiny_model}): its config or tokenizer differs; resume with that "
+        f"model, or start a new --downstream_model_dir")
+
+    (moved / "config.json").write_text(json.dumps(config))
+    _, other = other_model(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(other / name, moved / name)
+    assert train.main(args) == 1
+    assert error_line(capsys) == (
+        f"error: --resume: the tokenizer of --pretrained_model_name {moved} differs from the "
+        f"one {out / 'checkpoint-6'} was trained with; resume with the model the run started "
+        f"from, or start a new --downstream_model_dir")
+
+
+def test_a_checkpoint_from_before_model_digests_compares_the_model_by_name():
+    saved = {"pretrained_model_name": "/models/a", "world_size": 1}
+    current = {**saved, "model": "a digest"}
+    runtime.checkpoint.check_resume_args(saved, current)
+    with pytest.raises(InputError, match="--pretrained_model_name is '/models/b' but the "
+                                         "checkpoint was trained with '/models/a'"):
+        runtime.checkpoint.check_resume_args(saved, {**current,
+                                                     "pretrained_model_name": "/models/b"})
+
+
+@pytest.mark.slow
+def test_a_checkpoint_renamed_to_another_step_is_named_and_costs_nothing(run, capsys):
+    """Going by its name, a resume would start from step 2 and delete checkpoint-4 and
+    checkpoint-6 as later, and checkpoint-8, the very one it read, too."""
+    out, args = run
+    (out / "checkpoint-2").rename(out / "checkpoint-8")          # holds step 2
+    assert train.main(args + ["--resume", str(out / "checkpoint-8")]) == 1
+    assert error_line(capsys) == (
+        f"error: --resume {out / 'checkpoint-8'}: its name says step 8 but it holds step 2 "
+        f"(renamed?); rename it checkpoint-2, or resume from another checkpoint")
+    assert train.main(args + ["--resume", "latest"]) == 0
+    captured = capsys.readouterr()
+    assert (f"warning: skipping {out / 'checkpoint-8'}: its name says step 8 but it holds "
+            f"step 2") in captured.err
+    assert "(step 6, epoch" in captured.out
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [
+        "checkpoint-4", "checkpoint-6", "checkpoint-8"]
 
 
 # --------------------------------------------------------------------------- damaged checkpoints
@@ -227,6 +332,82 @@ def test_the_best_model_loads_after_a_kill_at_any_moment_of_its_export(
         else:
             assert first_export
     assert files and files < 12  # every moment of the export was tried
+
+
+def other_model(tmp_path):
+    """Another run's model: another tokenizer, another width."""
+    import fixtures
+    texts = [doc for doc, _ in fixtures.make_reviews(100, seed=5)]
+    directory = fixtures.build_tiny_kogpt2(tmp_path / "other", texts, vocab_size=300, n_embd=32)
+    return load_model(str(directory), load_tokenizer(str(directory))), directory
+
+
+@pytest.mark.parametrize("earlier", ["whole", "half-written"])
+def test_a_first_export_over_another_runs_best_model_never_mixes_the_two(
+        tiny_model, tmp_path, monkeypatch, earlier):
+    """A run killed before its first checkpoint leaves its best model (whole, or half
+    written by a kill during its export) to the next fresh run in the folder. Whatever
+    moment a kill stops that run's first export at, the folder holds one model or none."""
+    tokenizer = load_tokenizer(str(tiny_model))
+    model = load_model(str(tiny_model), tokenizer)
+    _, other = other_model(tmp_path)
+    cpu = runtime.backends.Backend("cpu", "fp32")
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    runtime.checkpoint.export_best(reference, cpu, model, tokenizer, step=2)
+    real_replace, real_unlink = os.replace, os.unlink
+    for moments_done in range(12):
+        out = tmp_path / f"out{moments_done}"
+        shutil.copytree(other, out)
+        if earlier == "half-written":
+            (out / "config.json").unlink()
+        calls = []
+
+        def dying(real):
+            def call(*a, **k):
+                if len(calls) == moments_done:
+                    raise KeyboardInterrupt  # the kill
+                calls.append(a)
+                return real(*a, **k)
+            return call
+        monkeypatch.setattr(os, "replace", dying(real_replace))
+        monkeypatch.setattr(os, "unlink", dying(real_unlink))
+        try:
+            runtime.checkpoint.export_best(out, cpu, model, tokenizer, step=2)
+        except KeyboardInterrupt:
+            pass
+        monkeypatch.setattr(os, "replace", real_replace)
+        monkeypatch.setattr(os, "unlink", real_unlink)
+        if (out / "config.json").exists():
+            assert files(out) in (files(other), files(reference)), (
+                f"a mix of two models after {moments_done} steps of the export")
+            assert GPT2LMHeadModel.from_pretrained(out) is not None
+    assert len(calls) < 12  # every moment of the export was tried
+
+
+def files(directory):
+    return {f.name: f.read_bytes() for f in directory.iterdir() if f.is_file()}
+
+
+def fake_checkpoint(out, name, step):
+    """A folder with only what pruning and going back read: the step it holds."""
+    (out / name).mkdir(parents=True)
+    torch.save({"progress": {"step": step}}, out / name / "training_state.pt")
+
+
+def test_a_renamed_checkpoint_costs_no_good_checkpoint_its_place(tmp_path):
+    """checkpoint-2 copied to checkpoint-99: by name the newest, so pruning by name alone
+    would keep it and delete the real newest ones."""
+    for step in (2, 4, 6):
+        fake_checkpoint(tmp_path, f"checkpoint-{step}", step)
+    fake_checkpoint(tmp_path, "checkpoint-99", 2)
+    runtime.rundir.prune_checkpoints(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "checkpoint-6",
+                                                          "checkpoint-99"]
+    runtime.rundir.drop_later_checkpoints(tmp_path, 4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "checkpoint-99"]
+    assert runtime.rundir.misnamed(tmp_path / "checkpoint-99") == (
+        "its name says step 99 but it holds step 2 (renamed?); rename it checkpoint-2")
 
 
 # --------------------------------------------------------------------------- non-finite weights
