@@ -109,9 +109,10 @@ from corpus.read import NSMC_FILES, corpus_files, given_file  # noqa: E402
 from model import load_model, load_tokenizer, max_positions  # noqa: E402
 from runtime.backends import Backend, choose_device  # noqa: E402
 from runtime.errors import InputError  # noqa: E402
-from task.generation import control_accuracy, other_word, prompt_ids, write_reviews  # noqa: E402
+from task.generation import (check_fits, control_accuracy, prompt_length, tokens,  # noqa: E402
+                             write_reviews)
 from task.nsmc import judge_of  # noqa: E402
-from task.polarity import polarity_accuracy  # noqa: E402
+from task.polarity import check_scoring_fits, polarity_accuracy  # noqa: E402
 
 
 def polarity_words(polarity):
@@ -165,33 +166,31 @@ def check_guidance(args):
                          "has none; leave --guidance out")
 
 
-def check_review_fits(args, model, tokenizer):
-    """Refuse a --prompt or --max_new_tokens that runs past the model's positions: GPT-2
-    learns an embedding for each of its n_positions positions and has none beyond, so
-    `generate` would fail there deep in torch (an IndexError, on a GPU a device assert)."""
+def check_positions(args, model, tokenizer):
+    """Before the first token: what this run gives the model fits the positions it has
+    (task.generation.check_fits), the rows it scores and the reviews it writes alike."""
     positions = max_positions(model.config)
-    if not positions:
-        return
-    words = polarity_words(args.polarity)
-    if args.guidance != 1:  # guidance runs the other word with the prompt too: it must fit
-        words += [other_word(word) for word in words]
-    prompt = max(prompt_ids(tokenizer, word, args.prompt).shape[1] for word in words)
-    if prompt >= positions:
+    if args.evaluate:
+        check_scoring_fits(positions, tokenizer, args.max_seq_length)
+        if args.control_samples:
+            check_review_fits(args, positions, tokenizer, list(POLARITY.values()), "")
+    else:
+        check_review_fits(args, positions, tokenizer, polarity_words(args.polarity), args.prompt)
+
+
+def check_review_fits(args, positions, tokenizer, words, prompt):
+    """Refuse a --prompt or --max_new_tokens that runs past the model's positions."""
+    given = prompt_length(tokenizer, words, prompt, args.guidance)
+    if positions and given >= positions:
         with_word = " with the polarity word" if any(words) else ""
-        raise InputError(f"--prompt is {tokens(prompt)}{with_word}, too long for the model's "
+        raise InputError(f"--prompt is {tokens(given)}{with_word}, too long for the model's "
                          f"{positions} positions; shorten it by at least "
-                         f"{tokens(prompt - positions + 1)} to leave room for the review")
-    if prompt + args.max_new_tokens > positions:
-        given = [part for part, present in [("the polarity word", any(words)),
-                                            ("--prompt", args.prompt.strip())] if present]
-        raise InputError(f"--max_new_tokens {args.max_new_tokens} does not fit the model's "
-                         f"{positions} positions after the {tokens(prompt)} of "
-                         f"{' and '.join(given)}; use --max_new_tokens {positions - prompt} "
-                         f"or less")
-
-
-def tokens(n):
-    return f"{n} token" if n == 1 else f"{n} tokens"
+                         f"{tokens(given - positions + 1)} to leave room for the review")
+    parts = [part for part, present in [("the polarity word", any(words)),
+                                        ("--prompt", prompt.strip())] if present]
+    check_fits(positions, given, args.max_new_tokens, f"--max_new_tokens {args.max_new_tokens}",
+               f"the {tokens(given)} of {' and '.join(parts)}",
+               "use --max_new_tokens {room} or less")
 
 
 def sampling_settings(args):
@@ -259,10 +258,10 @@ def main(argv=None):
         tokenizer = load_tokenizer(args.downstream_model_dir, flag="--downstream_model_dir")
         model = load_model(args.downstream_model_dir, tokenizer,
                            flag="--downstream_model_dir").to(device).eval()
+        check_positions(args, model, tokenizer)
         if args.evaluate:
             print_evaluation(args, model, tokenizer)
         else:
-            check_review_fits(args, model, tokenizer)
             print_reviews(args, model, tokenizer)
     except InputError as e:
         if args.debug:

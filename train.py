@@ -252,16 +252,16 @@ def config(args):
 
 def prepare(cfg):
     """Work done once on each host, before its replicas start: check the model name and the
-    output directory, find or download the corpus, tokenize it into the cache, train the
-    task's judge. Replicas then only read the caches."""
+    output directory, find or download the corpus, tokenize it into the cache, check that the
+    task's evaluations fit the model, train its judge. Replicas then only read the caches."""
     ckpt = cfg.checkpoint
     check_fresh_start(ckpt.downstream_model_dir, ckpt.resume, ckpt.overwrite_output_dir)
     if ckpt.resume != "latest":  # a path: check it here, not in the replicas
         find_resume_checkpoint(ckpt.resume, ckpt.downstream_model_dir)
-    check_loadable(cfg.pretrained_model_name, "--pretrained_model_name", cfg.data.max_seq_length)
+    positions = check_loadable(cfg.pretrained_model_name, max_seq_length=cfg.data.max_seq_length)
     tokenizer = load_tokenizer(cfg.pretrained_model_name)
     _, val_features = data.load_corpus(cfg.data, tokenizer)
-    NsmcTask(cfg.task, tokenizer, val_features, *cfg.data.files()).prepare()
+    NsmcTask(cfg.task, tokenizer, val_features, *cfg.data.files()).prepare(positions)
 
 
 # Errors every replica raises together, which main turns into one line.
