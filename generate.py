@@ -21,18 +21,18 @@ on the training file) finds in the polarity asked for.
 guidance, the other polarity word as the negative prompt (polarity.guidance_arguments).
 """
 import argparse
-import math
 import sys
 
 import options
-from options import default_cache_dir
-from task import GUIDANCE, SAMPLING
+from options import (ArgumentParser, check_at_least, check_between, check_probability,
+                     default_cache_dir, require)
+from task import FACTORS, GUIDANCE, SAMPLING
 
 
 # --------------------------------------------------------------------------- main
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Write positive or negative movie reviews with a fine-tuned KoGPT2, "
                     "or measure its polarity accuracy.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -128,40 +128,25 @@ def check_args(args):
     if args.polarity == "none" and not args.prompt.strip():
         raise InputError("--polarity none needs a --prompt: a model trained without labels "
                          "has nothing to start a text from")
-    for name in ["num_samples", "max_new_tokens", "batch_size", "max_seq_length"]:
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name} must be 1 or more, got {getattr(args, name)}")
-    if args.polarity_eval_size is not None and args.polarity_eval_size < 1:
-        raise InputError(f"--polarity_eval_size must be 1 or more, got {args.polarity_eval_size}")
-    if args.control_samples < 0:
-        raise InputError(f"--control_samples must be 0 or more (0: none), got "
-                         f"{args.control_samples}")
+    check_at_least(1, args, "num_samples", "max_new_tokens", "batch_size", "max_seq_length",
+                   "polarity_eval_size")
+    check_at_least(0, args, "control_samples", note=" (0: none)")
     check_guidance(args)
-    # Each test says what is allowed, so that NaN fails it too: every comparison with NaN
-    # is False, so a test of what is forbidden, such as `temperature < 0`, lets NaN through.
-    sampling = [
-        ("temperature", math.isfinite(args.temperature) and args.temperature >= 0,
-         "a finite number, 0 or more (0: greedy decoding)"),
-        ("top_p", 0 < args.top_p <= 1, "above 0 and at most 1 (1: off)"),
-        ("top_k", args.top_k >= 0, "0 or more (0: off)"),
-        ("repetition_penalty", math.isfinite(args.repetition_penalty)
-         and args.repetition_penalty > 0, "a finite number above 0 (1: off)"),
-        ("no_repeat_ngram_size", args.no_repeat_ngram_size >= 0, "0 or more (0: off)"),
-        ("seed", -2**63 <= args.seed < 2**64, "from -2**63 to 2**64 - 1 (64 bits)"),
-    ]
-    for name, allowed, what in sampling:
-        if not allowed:
-            raise InputError(f"--{name} must be {what}, got {getattr(args, name)}")
+    if args.temperature != 0:
+        check_between(*FACTORS, args, "temperature", note=" (0: greedy decoding)")
+    check_probability(args, "top_p", note=" (1: off)")
+    check_at_least(0, args, "top_k", "no_repeat_ngram_size", note=" (0: off)")
+    check_between(*FACTORS, args, "repetition_penalty",
+                  note=" (1: off; below 1: favours repetition)")
+    require(-2**63 <= args.seed < 2**64, "seed", args.seed, "from -2**63 to 2**64 - 1 (64 bits)")
 
 
 def check_guidance(args):
     """Resolve --guidance: the default for a model with polarity words, off without them."""
     if args.guidance is None:
         args.guidance = 1.0 if args.polarity == "none" else GUIDANCE
-    elif not (math.isfinite(args.guidance) and args.guidance >= 1):
-        raise InputError(f"--guidance must be a finite number, 1 or more (1: off), got "
-                         f"{args.guidance}")
-    elif args.polarity == "none" and args.guidance != 1:
+    check_between(1, FACTORS[1], args, "guidance", note=" (1: off)")
+    if args.polarity == "none" and args.guidance != 1:
         raise InputError("--guidance contrasts the two polarity words, and --polarity none "
                          "has none; leave --guidance out")
 
