@@ -21,19 +21,19 @@ on the training file) finds in the polarity asked for.
 guidance, the other polarity word as the negative prompt (polarity.guidance_arguments).
 """
 import argparse
-import math
 import sys
 
 import options
-from options import default_cache_dir
+from options import (ArgumentParser, check_at_least, check_between, check_probability,
+                     default_cache_dir, require)
 from runtime.errors import print_on_any_terminal
-from task import GUIDANCE, SAMPLING
+from task import FACTORS, GUIDANCE, SAMPLING
 
 
 # --------------------------------------------------------------------------- main
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Write positive or negative movie reviews with a fine-tuned KoGPT2, "
                     "or measure its polarity accuracy.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -112,9 +112,10 @@ from model import load_model, load_tokenizer, max_positions  # noqa: E402
 from runtime.backends import Backend, choose_device  # noqa: E402
 from runtime.errors import InputError, not_utf8  # noqa: E402
 from runtime.rundir import check_best_model  # noqa: E402
-from task.generation import control_accuracy, other_word, prompt_ids, write_reviews  # noqa: E402
+from task.generation import (check_fits, control_accuracy, prompt_length, tokens,  # noqa: E402
+                             write_reviews)
 from task.nsmc import judge_of  # noqa: E402
-from task.polarity import polarity_accuracy  # noqa: E402
+from task.polarity import check_scoring_fits, polarity_accuracy  # noqa: E402
 
 
 def polarity_words(polarity):
@@ -137,67 +138,54 @@ def check_args(args):
     if args.polarity == "none" and not args.prompt.strip():
         raise InputError("--polarity none needs a --prompt: a model trained without labels "
                          "has nothing to start a text from")
-    for name in ["num_samples", "max_new_tokens", "batch_size", "max_seq_length"]:
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name} must be 1 or more, got {getattr(args, name)}")
-    if args.polarity_eval_size is not None and args.polarity_eval_size < 1:
-        raise InputError(f"--polarity_eval_size must be 1 or more, got {args.polarity_eval_size}")
-    if args.control_samples < 0:
-        raise InputError(f"--control_samples must be 0 or more (0: none), got "
-                         f"{args.control_samples}")
+    check_at_least(1, args, "num_samples", "max_new_tokens", "batch_size", "max_seq_length",
+                   "polarity_eval_size")
+    check_at_least(0, args, "control_samples", note=" (0: none)")
     check_guidance(args)
-    # Each test says what is allowed, so that NaN fails it too: every comparison with NaN
-    # is False, so a test of what is forbidden, such as `temperature < 0`, lets NaN through.
-    sampling = [
-        ("temperature", math.isfinite(args.temperature) and args.temperature >= 0,
-         "a finite number, 0 or more (0: greedy decoding)"),
-        ("top_p", 0 < args.top_p <= 1, "above 0 and at most 1 (1: off)"),
-        ("top_k", args.top_k >= 0, "0 or more (0: off)"),
-        ("repetition_penalty", math.isfinite(args.repetition_penalty)
-         and args.repetition_penalty > 0, "a finite number above 0 (1: off)"),
-        ("no_repeat_ngram_size", args.no_repeat_ngram_size >= 0, "0 or more (0: off)"),
-        ("seed", -2**63 <= args.seed < 2**64, "from -2**63 to 2**64 - 1 (64 bits)"),
-    ]
-    for name, allowed, what in sampling:
-        if not allowed:
-            raise InputError(f"--{name} must be {what}, got {getattr(args, name)}")
+    if args.temperature != 0:
+        check_between(*FACTORS, args, "temperature", note=" (0: greedy decoding)")
+    check_probability(args, "top_p", note=" (1: off)")
+    check_at_least(0, args, "top_k", "no_repeat_ngram_size", note=" (0: off)")
+    check_between(*FACTORS, args, "repetition_penalty",
+                  note=" (1: off; below 1: favours repetition)")
+    require(-2**63 <= args.seed < 2**64, "seed", args.seed, "from -2**63 to 2**64 - 1 (64 bits)")
 
 
 def check_guidance(args):
     """Resolve --guidance: the default for a model with polarity words, off without them."""
     if args.guidance is None:
         args.guidance = 1.0 if args.polarity == "none" else GUIDANCE
-    elif not (math.isfinite(args.guidance) and args.guidance >= 1):
-        raise InputError(f"--guidance must be a finite number, 1 or more (1: off), got "
-                         f"{args.guidance}")
-    elif args.polarity == "none" and args.guidance != 1:
+    check_between(1, FACTORS[1], args, "guidance", note=" (1: off)")
+    if args.polarity == "none" and args.guidance != 1:
         raise InputError("--guidance contrasts the two polarity words, and --polarity none "
                          "has none; leave --guidance out")
 
 
-def check_review_fits(args, model, tokenizer):
-    """Refuse a --prompt or --max_new_tokens that runs past the model's positions: GPT-2
-    learns an embedding for each of its n_positions positions and has none beyond, so
-    `generate` would fail there deep in torch (an IndexError, on a GPU a device assert)."""
+def check_positions(args, model, tokenizer):
+    """Before the first token: what this run gives the model fits the positions it has
+    (task.generation.check_fits), the rows it scores and the reviews it writes alike."""
     positions = max_positions(model.config)
-    if not positions:
-        return
-    words = polarity_words(args.polarity)
-    if args.guidance != 1:  # guidance runs the other word with the prompt too: it must fit
-        words += [other_word(word) for word in words]
-    prompt = max(prompt_ids(tokenizer, word, args.prompt).shape[1] for word in words)
-    if prompt >= positions:
+    if args.evaluate:
+        check_scoring_fits(positions, tokenizer, args.max_seq_length)
+        if args.control_samples:
+            check_review_fits(args, positions, tokenizer, list(POLARITY.values()), "")
+    else:
+        check_review_fits(args, positions, tokenizer, polarity_words(args.polarity), args.prompt)
+
+
+def check_review_fits(args, positions, tokenizer, words, prompt):
+    """Refuse a --prompt or --max_new_tokens that runs past the model's positions."""
+    given = prompt_length(tokenizer, words, prompt, args.guidance)
+    if positions and given >= positions:
         with_word = " with the polarity word" if any(words) else ""
-        raise InputError(f"--prompt is {tokens(prompt)}{with_word}, too long for the model's "
+        raise InputError(f"--prompt is {tokens(given)}{with_word}, too long for the model's "
                          f"{positions} positions; shorten it by at least "
-                         f"{tokens(prompt - positions + 1)} to leave room for the review")
-    if prompt + args.max_new_tokens > positions:
-        given = [part for part, present in [("the polarity word", any(words)),
-                                            ("--prompt", args.prompt.strip())] if present]
-        raise InputError(f"--max_new_tokens {args.max_new_tokens} does not fit the model's "
-                         f"{positions} positions after the {tokens(prompt)} of "
-                         f"{' and '.join(given)}; use --max_new_tokens {positions - prompt} "
-                         f"or less")
+                         f"{tokens(given - positions + 1)} to leave room for the review")
+    parts = [part for part, present in [("the polarity word", any(words)),
+                                        ("--prompt", prompt.strip())] if present]
+    check_fits(positions, given, args.max_new_tokens, f"--max_new_tokens {args.max_new_tokens}",
+               f"the {tokens(given)} of {' and '.join(parts)}",
+               "use --max_new_tokens {room} or less")
 
 
 def check_polarity_words(args, model):
@@ -211,10 +199,6 @@ def check_polarity_words(args, model):
         raise InputError(f"{trained}: it has no polarity to measure")
     if args.polarity != "none":
         raise InputError(f"{trained}; use --polarity none with a --prompt")
-
-
-def tokens(n):
-    return f"{n} token" if n == 1 else f"{n} tokens"
 
 
 def sampling_settings(args):
@@ -285,10 +269,10 @@ def main(argv=None):
         model = load_model(args.downstream_model_dir, tokenizer,
                            flag="--downstream_model_dir").to(device).eval()
         check_polarity_words(args, model)
+        check_positions(args, model, tokenizer)
         if args.evaluate:
             print_evaluation(args, model, tokenizer)
         else:
-            check_review_fits(args, model, tokenizer)
             print_reviews(args, model, tokenizer)
     except InputError as e:
         if args.debug:

@@ -194,10 +194,10 @@ def splits_off_output_layer(model):
     return model.output_layer_splits_off
 
 
-def check_loadable(name, flag, max_seq_length=None):
+def check_loadable(name, flag="--pretrained_model_name", max_seq_length=None):
     """Fail early, in one line, when `name` is neither a model directory nor reachable, is
     not a causal language model, or when `max_seq_length` is longer than the positions the
-    model has."""
+    model has. Returns those positions (None: the model has no limit we know of)."""
     config = from_pretrained(AutoConfig, name, flag)
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise InputError(f"{flag} {name}: a {config.model_type} model is not a causal "
@@ -206,6 +206,7 @@ def check_loadable(name, flag, max_seq_length=None):
     if max_seq_length and positions and max_seq_length > positions:
         raise InputError(f"--max_seq_length {max_seq_length} is longer than the {positions} "
                          f"positions of {flag} {name}; use at most {positions}")
+    return positions
 
 
 def max_positions(config):

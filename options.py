@@ -18,8 +18,17 @@ def default_cache_dir():
 
 # --------------------------------------------------------------------------- arguments
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, which answers a mistyped flag or value in one line, as every
+    other bad input is answered, instead of its whole usage (dozens of lines for train.py)
+    followed by the error. Every script of the project parses with it."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (--help lists the flags)\n")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Fine-tune KoGPT2 on NSMC with polarity-prefixed reviews.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # The tutorial's names (nlpbook's GenerationTrainArguments), so a reader finds each knob.
@@ -111,22 +120,12 @@ def parse_args(argv=None):
 def check_args(args):
     """Reject values that cannot work, naming the flag; resolve paths once. Written as
     `low <= value` so that NaN, which fails every comparison, is refused too."""
-    positive = ["max_seq_length", "batch_size", "epochs", "grad_accum_steps", "log_every"]
-    optional = ["max_steps", "eval_every", "save_every_steps", "keep_checkpoints"]
-    for name in positive + [n for n in optional if getattr(args, n) is not None]:
-        require(getattr(args, name) >= 1, name, getattr(args, name), "1 or more")
-    require(0 < args.learning_rate < math.inf, "learning_rate", args.learning_rate, "positive")
-    require(args.max_grad_norm > 0, "max_grad_norm", args.max_grad_norm,
-            "positive (inf: no clipping); 0 would stop learning, a negative one ascend")
-    require(0 <= args.weight_decay < math.inf, "weight_decay", args.weight_decay, "0 or more")
+    check_at_least(1, args, "max_seq_length", "batch_size", "epochs", "grad_accum_steps",
+                   "log_every", "max_steps", "eval_every", "save_every_steps", "keep_checkpoints")
+    check_optimizer_args(args)
     require(0 <= args.warmup_ratio <= 1, "warmup_ratio", args.warmup_ratio, "between 0 and 1")
-    require(args.warmup_steps is None or args.warmup_steps >= 0, "warmup_steps",
-            args.warmup_steps, "0 or more")
-    require(args.cpu_workers >= 0, "cpu_workers", args.cpu_workers, "0 or more")
-    require(args.eval_size >= 0, "eval_size", args.eval_size, "0 (all) or more")
-    require(args.polarity_eval_size >= 0, "polarity_eval_size", args.polarity_eval_size,
-            "0 or more")
-    require(0 <= args.seed < 2**32, "seed", args.seed, "between 0 and 2**32 - 1")
+    check_at_least(0, args, "warmup_steps", "cpu_workers", "polarity_eval_size")
+    check_at_least(0, args, "eval_size", note=" (0: all)")
     if args.tpu_cores == 0 and args.device == "xla":
         raise InputError("--tpu_cores 0 contradicts --device xla; drop one of them")
     check_tpu_cores(args.device, args.tpu_cores)
@@ -137,6 +136,15 @@ def check_args(args):
         args.pretrained_model_name = str(Path(args.pretrained_model_name).expanduser().resolve())
     args.downstream_model_dir = str(Path(args.downstream_model_dir).expanduser())
     check_output_apart(args)
+
+
+def check_optimizer_args(args):
+    """The flags of the optimizer and the seed, shared with benchmarks/bench_train.py."""
+    require(0 < args.learning_rate < math.inf, "learning_rate", args.learning_rate, "positive")
+    require(args.max_grad_norm > 0, "max_grad_norm", args.max_grad_norm,
+            "positive (inf: no clipping); 0 would stop learning, a negative one ascend")
+    require(0 <= args.weight_decay < math.inf, "weight_decay", args.weight_decay, "0 or more")
+    require(0 <= args.seed < 2**32, "seed", args.seed, "between 0 and 2**32 - 1")
 
 
 def require(ok, flag, value, what):
@@ -200,6 +208,42 @@ def check_output_apart(args):
             raise InputError(f"--overwrite_output_dir: --downstream_model_dir "
                              f"{args.downstream_model_dir} {where} {flag} {name}, which the run "
                              f"reads; choose a --downstream_model_dir apart from it")
+
+
+# The checks of numeric flags that every script's command line shares, each refusal one line
+# naming the flag. Each test says what is allowed, so that NaN, which fails every comparison,
+# is refused too. Flags left unset (None) are not checked.
+
+def check_at_least(low, args, *names, note=""):
+    """Whole numbers of at least `low`: counts, sizes, steps."""
+    for name in set_flags(args, names):
+        require(getattr(args, name) >= low, name, getattr(args, name), f"{low} or more{note}")
+
+
+def check_positive(args, *names, note=""):
+    """Finite numbers above 0: a learning rate, a timeout."""
+    for name in set_flags(args, names):
+        require(0 < getattr(args, name) < math.inf, name, getattr(args, name),
+                f"a finite number above 0{note}")
+
+
+def check_probability(args, *names, note=""):
+    """Numbers above 0 and at most 1: a share, a top-p."""
+    for name in set_flags(args, names):
+        require(0 < getattr(args, name) <= 1, name, getattr(args, name),
+                f"above 0 and at most 1{note}")
+
+
+def check_between(low, high, args, *names, note=""):
+    """Numbers from `low` to `high`, both included: a factor whose extremes overflow the
+    float32 arithmetic it enters (NaN and infinities refused with them)."""
+    for name in set_flags(args, names):
+        require(low <= getattr(args, name) <= high, name, getattr(args, name),
+                f"from {low:g} to {high:g}{note}")
+
+
+def set_flags(args, names):
+    return [name for name in names if getattr(args, name) is not None]
 
 
 # --------------------------------------------------------------------------- XLA or not

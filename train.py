@@ -254,14 +254,14 @@ def config(args):
 def prepare(cfg):
     """Work done once on each host, before its replicas train (under torchrun, by its first
     process once all have joined): check the model name and the output directory, find or
-    download the corpus, tokenize it into the cache, train the task's judge. Replicas then
-    only read the caches."""
+    download the corpus, tokenize it into the cache, check that the task's evaluations fit
+    the model, train its judge. Replicas then only read the caches."""
     ckpt, out, name = cfg.checkpoint, cfg.checkpoint.downstream_model_dir, cfg.pretrained_model_name
     earlier_run = check_fresh_start(out, ckpt.resume, ckpt.overwrite_output_dir)
-    check_loadable(name, "--pretrained_model_name", cfg.data.max_seq_length)
+    positions = check_loadable(name, max_seq_length=cfg.data.max_seq_length)
     tokenizer = run_tokenizer(ckpt.resume, out, name)
     _, val_features = data.load_corpus(cfg.data, tokenizer)
-    NsmcTask(cfg.task, tokenizer, val_features, *cfg.data.files()).prepare()
+    NsmcTask(cfg.task, tokenizer, val_features, *cfg.data.files()).prepare(positions)
     delete_earlier_run(out, earlier_run)  # --overwrite_output_dir, once nothing refused
 
 

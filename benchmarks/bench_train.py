@@ -37,7 +37,10 @@ from corpus import read as corpus_read  # noqa: E402
 import runtime.errors  # noqa: E402
 import data  # noqa: E402
 import sched  # noqa: E402
+import options  # noqa: E402
 import train  # noqa: E402
+from options import check_at_least, check_optimizer_args  # noqa: E402
+from runtime.backends import choose_device  # noqa: E402
 from runtime.errors import InputError  # noqa: E402
 from model import load_tokenizer, packs_reviews  # noqa: E402
 from runtime.reporting import LossMeter  # noqa: E402
@@ -46,7 +49,7 @@ from measuring import (SHAPES, Clock, CountedReviewBatches, CountingCollator,  #
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = options.ArgumentParser(
         description="Our training loop against transformers.Trainer: throughput and memory.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--pretrained_model_name", default=None,
@@ -104,12 +107,13 @@ def parse_args(argv=None):
 
 
 def check_args(args):
+    """The flags checked as train.py checks them, and the device there, before any work."""
+    check_at_least(1, args, "max_seq_length", "batch_size", "warmup_steps", "steps", "repeats",
+                   "rounds", "log_every", "threads")
     if args.warmup_steps is None:
         args.warmup_steps = args.log_every + 1
-    for name in ["max_seq_length", "batch_size", "warmup_steps", "steps", "repeats", "rounds",
-                 "log_every"] + (["threads"] if args.threads is not None else []):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name} must be 1 or more, got {getattr(args, name)}")
+    check_optimizer_args(args)
+    choose_device(args.device)
     if args.max_examples is not None and args.max_examples < args.batch_size:
         raise InputError(f"--max_examples {args.max_examples} is less than one batch "
                          f"(--batch_size {args.batch_size})")

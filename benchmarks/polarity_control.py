@@ -39,19 +39,20 @@ from corpus import features as corpus_features  # noqa: E402
 from corpus import read as corpus_read  # noqa: E402
 import options  # noqa: E402
 import task  # noqa: E402
+from options import check_at_least, check_positive, require  # noqa: E402
+from runtime.backends import Backend, choose_device  # noqa: E402
+from runtime.errors import InputError, print_on_any_terminal  # noqa: E402
 import task.generation  # noqa: E402
 import task.nsmc  # noqa: E402
 import task.polarity  # noqa: E402
 import data  # noqa: E402
 import train  # noqa: E402
-from runtime.backends import Backend  # noqa: E402
-from runtime.errors import print_on_any_terminal  # noqa: E402
 from model import load_model, load_tokenizer, max_positions  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = options.ArgumentParser(description=__doc__.split("\n\n")[0],
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--pretrained_model_name", default="../shared/models/kogpt2-standin",
                    help="the model to fine-tune (documented default: the workplace's "
                         "stand-in, a small pretrained Korean GPT-2 with KoGPT2's tokenizer kind)")
@@ -69,9 +70,26 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, default=300, help="reviews written per polarity and G")
     p.add_argument("--guidance", type=float, nargs="+", default=[1, 1.5, 2, 3, 4])
     p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--device", default="auto", help="train.py's --device for the fine-tunes")
+    p.add_argument("--device", choices=["auto", "xla", "cuda", "cpu"], default="auto",
+                   help="train.py's --device for the fine-tunes")
     p.add_argument("--skip_seed_recipe", action="store_true", help="print the G table only")
     return p.parse_args(argv)
+
+
+def check_args(args):
+    """What cannot work, refused in one line before the first fine-tune: the flags as
+    train.py and generate.py check theirs, the device, the corpus."""
+    check_at_least(1, args, "max_steps", "batch_size", "max_seq_length", "samples")
+    check_at_least(0, args, "val_reviews", note=" (0: all)")
+    check_positive(args, "learning_rate")
+    for guidance in args.guidance:
+        require(1 <= guidance <= task.FACTORS[1], "guidance", guidance,
+                f"from 1 to {task.FACTORS[1]:g} (1: off) for every value")
+    require(0 <= args.seed < 2**32, "seed", args.seed, "between 0 and 2**32 - 1")
+    choose_device(args.device)
+    for path in corpus_read.corpus_files(args.downstream_corpus_root_dir):
+        if corpus_read.read_corpus(path).labels is None:
+            raise InputError(f"{path}: no labels, so there is no polarity to control")
 
 
 # --------------------------------------------------------------------------- the seed's recipe
@@ -221,6 +239,20 @@ def measure_recipe(checkpoint, seconds, judge, val_features, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        check_args(args)
+        return measure(args)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except subprocess.CalledProcessError as e:  # train.py said why, in its last line
+        print(f"error: the fine-tune stopped (exit status {e.returncode}); see above",
+              file=sys.stderr)
+        return 1
+
+
+def measure(args):
+    """Fine-tune, then print the tables."""
     work = Path(args.work_dir).expanduser()
     work.mkdir(parents=True, exist_ok=True)
     val_file = validation_file(args, work)

@@ -36,12 +36,15 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import fixtures  # noqa: E402
-from xla_replicas import dropout_free_fixture_model, max_weight_difference, val_losses  # noqa: E402
+import options  # noqa: E402
+from options import check_at_least  # noqa: E402
+from xla_replicas import (check_args, dropout_free_fixture_model,  # noqa: E402
+                          max_weight_difference, one_line_errors, val_losses)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = options.ArgumentParser(description=__doc__.split("\n\n")[0],
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--processes", type=int, nargs="+", default=[2],
                    help="process counts to run under torchrun beside the one-process reference")
     p.add_argument("--global_batch", type=int, default=32, help="examples per step, all processes")
@@ -55,11 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--work", default=None, help="folder for model, corpus and runs; unset: a "
                                                 "temporary one, removed at the end")
     p.add_argument("--timeout", type=int, default=900, help="seconds allowed per run")
-    args = p.parse_args(argv)
-    bad = [n for n in args.processes if n < 1 or args.global_batch % n]
-    if bad:
-        p.error(f"--global_batch {args.global_batch} does not split over {bad} processes")
-    return args
+    return p.parse_args(argv)
 
 
 def train_command(args, model, corpus, out, n):
@@ -143,8 +142,11 @@ def print_tables(rows, args):
         print(f"{n:>17}{batch:>17}{before:>17.6f}{after:>17.6f}{dw:>17.2e}{wall:>26.1f}")
 
 
+@one_line_errors
 def main(argv=None):
     args = parse_args(argv)
+    check_args(args, "processes")
+    check_at_least(1, args, "repeats")
     if args.work:
         work = Path(args.work).resolve()
         work.mkdir(parents=True, exist_ok=True)

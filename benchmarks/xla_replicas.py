@@ -32,7 +32,10 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import fixtures  # noqa: E402
+import options  # noqa: E402
 import xla_cpu_replicas  # noqa: E402
+from options import check_at_least, check_positive  # noqa: E402
+from runtime.errors import InputError  # noqa: E402
 
 # transformers imports torch_xla when it is installed, which warns without a PJRT device;
 # the train.py runs get theirs from xla_cpu_replicas.env().
@@ -40,8 +43,8 @@ os.environ.setdefault("PJRT_DEVICE", "CPU")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = options.ArgumentParser(description=__doc__.split("\n\n")[0],
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 4, 8],
                    help="replica counts to run; 1, the reference, is always run first")
     p.add_argument("--global_batch", type=int, default=32, help="examples per step, all replicas")
@@ -57,10 +60,30 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     # The one-replica, full-batch run is what the others are compared against.
     args.replicas = [1] + sorted(set(args.replicas) - {1})
-    bad = [n for n in args.replicas if n < 1 or args.global_batch % n]
-    if bad:
-        p.error(f"--global_batch {args.global_batch} does not split over {bad} replicas")
     return args
+
+
+def check_args(args, counts="replicas"):
+    """Refuse what cannot work in one line, before the first run; `counts`: the flag that
+    lists the replica (or process) counts to run."""
+    check_at_least(1, args, "global_batch", "max_steps")
+    check_positive(args, "learning_rate", "timeout")
+    bad = [n for n in getattr(args, counts) if not 1 <= n <= args.global_batch
+           or args.global_batch % n]
+    if bad:
+        raise InputError(f"--global_batch {args.global_batch} does not split over {bad} "
+                         f"{counts}; give --{counts} that divide it")
+
+
+def one_line_errors(main):
+    """`main(argv)` that answers bad input in one line, exit status 1."""
+    def checked(argv=None):
+        try:
+            return main(argv)
+        except InputError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    return checked
 
 
 def dropout_free_fixture_model(folder):
@@ -148,8 +171,10 @@ def print_table(rows, args):
         print(f"{n:>17}{batch:>17}{before:>17.6f}{after:>17.6f}{dw:>17.2e}{seconds:>17.1f}")
 
 
+@one_line_errors
 def main(argv=None):
     args = parse_args(argv)
+    check_args(args)
     if args.work:
         work = Path(args.work).resolve()
         work.mkdir(parents=True, exist_ok=True)

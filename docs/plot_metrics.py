@@ -6,21 +6,59 @@ Left: the training loss (each report) and the validation loss (each evaluation) 
 Right: polarity accuracy by step. TensorBoard shows the same curves live
 (`tensorboard --logdir checkpoint-generation`); this picture is for the README.
 """
-import argparse
 import json
+import math
+import sys
 from pathlib import Path
+
+# The project's command-line helpers (standard library only), one folder up.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from options import ArgumentParser  # noqa: E402
+from runtime.errors import InputError, first_line  # noqa: E402
 
 WIDTH, HEIGHT, MARGIN = 360, 240, 44
 COLOURS = {"train loss": "#1f77b4", "val loss": "#d62728", "polarity accuracy": "#2ca02c"}
+# Each curve: the events it is drawn from and the value it draws.
+CURVES = {"train loss": ("train", "loss"), "val loss": ("eval", "val_loss"),
+          "polarity accuracy": ("eval", "polarity_accuracy")}
 
 
 def read_events(path):
-    events = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
-    series = {"train loss": [(e["step"], e["loss"]) for e in events if e["event"] == "train"],
-              "val loss": [(e["step"], e["val_loss"]) for e in events if e["event"] == "eval"],
-              "polarity accuracy": [(e["step"], e["polarity_accuracy"]) for e in events
-                                    if "polarity_accuracy" in e]}
+    """The curves of a metrics.jsonl, by name: (step, value) pairs. A last line cut short (a
+    run killed while writing it) is left out, as a resumed run drops it; any other line
+    that is not an event is refused, naming it."""
+    events = []
+    lines = read_lines(path)
+    for number, line in enumerate(lines, start=1):
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError as e:
+            if number == len(lines):
+                break
+            raise InputError(f"{path}:{number}: not a JSON event ({e})") from None
+        if not (isinstance(event, dict) and isinstance(event.get("step"), int)):
+            raise InputError(f"{path}:{number}: not an event of metrics.jsonl (no step)")
+        events.append(event)
+    series = {name: [(e["step"], e[key]) for e in events
+                     if e.get("event") == kind and is_number(e.get(key))]
+              for name, (kind, key) in CURVES.items()}
+    if not series["train loss"] + series["val loss"]:
+        raise InputError(f"{path}: no training or validation loss to draw yet; a run writes "
+                         f"them as it trains (every --log_every steps, at each evaluation)")
     return series
+
+
+def read_lines(path):
+    try:
+        return Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot be read ({first_line(e)})") from None
+
+
+def is_number(value):
+    """A finite loss or accuracy: a NaN (a run that diverged) cannot be drawn."""
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def panel(x0, title, curves, y_range=None, legend_below=False):
@@ -77,9 +115,22 @@ def svg(series):
             f'<rect width="100%" height="100%" fill="white"/>\n' + "\n".join(parts) + "\n</svg>\n")
 
 
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv=None):
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("metrics", help="a run's metrics.jsonl")
     p.add_argument("out", help="the SVG to write")
-    a = p.parse_args()
-    Path(a.out).write_text(svg(read_events(a.metrics)), encoding="utf-8")
+    a = p.parse_args(argv)
+    try:
+        picture = svg(read_events(a.metrics))
+        try:
+            Path(a.out).write_text(picture, encoding="utf-8")
+        except OSError as e:
+            raise InputError(f"could not write {a.out} ({first_line(e)})") from None
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

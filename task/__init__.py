@@ -10,3 +10,8 @@ SAMPLING = dict(max_new_tokens=40, top_k=50, top_p=0.92, temperature=0.9,
 # are pushed away from those given the other word, by this factor (1: off). Chosen by
 # measurement (benchmarks/polarity_control.py, docs/generation.md).
 GUIDANCE = 2.0
+# Sampling divides the logits by the temperature and the repetition penalty, and guidance
+# multiplies differences of log-probabilities, in float32: far beyond any useful value (at a
+# temperature of 1e-6 sampling is greedy decoding already) these overflow into NaN, on which
+# `generate` fails. So these factors stay within:
+FACTORS = (1e-6, 1e6)

@@ -6,7 +6,10 @@ reviews written that an independent judge (judge.py) finds in the polarity asked
 import torch
 
 from corpus.features import POLARITY
+from runtime.errors import InputError
 from task import GUIDANCE, SAMPLING
+
+SAMPLE_TOKENS = 20  # the most tokens of each short review that train.py's evaluations show
 
 
 def prompt_ids(tokenizer, polarity, prompt=""):
@@ -20,6 +23,37 @@ def prompt_ids(tokenizer, polarity, prompt=""):
 def other_word(polarity):
     """The polarity word that is not `polarity`."""
     return next(word for word in POLARITY.values() if word != polarity)
+
+
+def prompt_length(tokenizer, words, prompt="", guidance=1.0):
+    """The tokens before the first one written: the longest of `words` (polarity words, or
+    "" for none) with `prompt`. Guidance runs the other word with the prompt beside them, in
+    the same positions, so under guidance it counts too."""
+    if guidance != 1:
+        words = [*words, *(other_word(word) for word in words if word)]
+    return max(prompt_ids(tokenizer, word, prompt).shape[1] for word in words)
+
+
+def check_fits(positions, given, more, what, after, fix):
+    """The one check of the model's positions, made by every path that runs the model past
+    a training row (generate.py, and train.py's evaluations through NsmcTask.prepare) before
+    its first step: `given` tokens (the prompt) followed by `more` (what is written or
+    scored after it) must fit the model's `positions`. GPT-2 learns an embedding for each of
+    its n_positions positions and has none beyond, so past them `generate` or a forward pass
+    fails deep in torch (an IndexError, on a GPU a device assert), maybe hours into a run.
+
+    The refusal is one line: "`what` does not fit the model's P positions after `after`;
+    `fix`", `fix` formatted with `room`, the most tokens that fit after the prompt, and
+    `need`, the positions the model would need. `positions` None: a model without learned
+    positions, nothing to check."""
+    if positions and given + more > positions:
+        after = f" after {after}" if after else ""
+        raise InputError(f"{what} does not fit the model's {positions} positions{after}; "
+                         f"{fix.format(room=positions - given, need=given + more)}")
+
+
+def tokens(n):
+    return f"{n} token" if n == 1 else f"{n} tokens"
 
 
 def guidance_arguments(tokenizer, polarity, prompt, guidance, rows, device):
@@ -80,7 +114,7 @@ def control_accuracy(model, tokenizer, judge_, num_samples, seed, guidance=GUIDA
     return right / sum(len(texts) for texts in reviews.values()), reviews
 
 
-def one_review_each(model, tokenizer, seed, max_new_tokens=20, guidance=GUIDANCE):
+def one_review_each(model, tokenizer, seed, max_new_tokens=SAMPLE_TOKENS, guidance=GUIDANCE):
     """One short review of each polarity, as train.py shows at each evaluation."""
     settings = {**SAMPLING, "max_new_tokens": max_new_tokens}
     return {word: write_reviews(model, tokenizer, word, settings, seed=seed, guidance=guidance)[0]

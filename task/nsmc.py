@@ -5,9 +5,12 @@ replaces this class with its own `evaluate(model, backend, final)`."""
 import functools
 from dataclasses import dataclass
 
-from task.generation import control_accuracy, one_review_each
+from corpus.features import POLARITY
+from task import GUIDANCE, SAMPLING
+from task.generation import (SAMPLE_TOKENS, check_fits, control_accuracy, one_review_each,
+                             prompt_length, tokens)
 from task.judge import load_judge
-from task.polarity import polarity_accuracy
+from task.polarity import check_scoring_fits, polarity_accuracy
 
 CONTROL_SAMPLES = 100  # reviews of each polarity written and judged at the final evaluation
 SKIP_JUDGE = "--polarity_eval_size 0 trains without it (and without polarity accuracy)"
@@ -32,11 +35,32 @@ class NsmcTask:
         self.files = (train_file, val_file)
         self.labelled = val_features.labels is not None
 
-    def prepare(self):
-        """Work done once on each host before its replicas start: train the judge of
+    def prepare(self, positions):
+        """Work done once on each host before its replicas start: check that what the
+        evaluations run through the model fits its `positions`, and train the judge of
         control accuracy (and cache it) when the final evaluation will use it."""
+        self.check_positions(positions)
         if self.labelled and self.cfg.polarity_eval_size:
             self.judge()
+
+    def check_positions(self, positions):
+        """Before the first step: the reviews each evaluation writes, and at the final one
+        the control accuracy's, and the rows polarity scoring reads, all fit the model's
+        `positions`, so that no run fails at its first evaluation or after its last step."""
+        if not self.labelled:
+            return
+        given = prompt_length(self.tokenizer, list(POLARITY.values()), "", GUIDANCE)
+        word = f"the {tokens(given)} of the polarity word"
+        check_fits(positions, given, SAMPLE_TOKENS,
+                   f"the short review that each evaluation writes, {SAMPLE_TOKENS} tokens,", word,
+                   "--pretrained_model_name: use a model with {need} positions or more")
+        if self.cfg.polarity_eval_size:
+            new = SAMPLING["max_new_tokens"]
+            check_fits(positions, given, new, f"each review that control accuracy writes, {new} "
+                       f"tokens,", word, "use --polarity_eval_size 0 (no polarity or "
+                       "control accuracy), or a model with {need} positions or more")
+            check_scoring_fits(positions, self.tokenizer, self.val_features.input_ids.shape[1],
+                               "use --max_seq_length {room} or less, or --polarity_eval_size 0")
 
     def judge(self):
         """The judge: trained on the training file, checked on the validation file."""

@@ -10,7 +10,24 @@ import data
 from corpus.features import POLARITY, Features
 from model import WITHOUT_LOGITS, output_layer_at, splits_off_output_layer
 from runtime.errors import InputError
-from task.generation import prompt_ids
+from task.generation import check_fits, prompt_ids, tokens
+
+
+def word_lengths(tokenizer):
+    """The tokens of each polarity word alone, by label."""
+    return {label: prompt_ids(tokenizer, word).shape[1] for label, word in POLARITY.items()}
+
+
+def check_scoring_fits(positions, tokenizer, max_seq_length,
+                       fix="use --max_seq_length {room} or less"):
+    """Before scoring: a row of `max_seq_length` tokens holds a review after its own
+    polarity word; scoring puts either word in front of it, so a longer other word runs it
+    that much further (see `strip_polarity`). Checked with `check_fits`."""
+    lengths = word_lengths(tokenizer).values()
+    extra = max(lengths) - min(lengths)
+    check_fits(positions, extra, max_seq_length, f"--max_seq_length {max_seq_length}",
+               extra and f"the {tokens(extra)} that polarity scoring adds before a review cut "
+                         f"for the shorter polarity word", fix)
 
 
 def strip_polarity(features, tokenizer, max_examples=None):
@@ -20,13 +37,19 @@ def strip_polarity(features, tokenizer, max_examples=None):
 
     The cached rows are `polarity review</s>`, tokenized in one piece; the tokenizer splits
     words at spaces before it merges pieces, so each row starts with exactly the tokens of
-    its polarity word alone, whatever their number (checked here)."""
+    its polarity word alone, whatever their number (checked here).
+
+    The rows are as much narrower as the shorter word: with either word in front (see
+    `review_log_prob`) a row is then as wide as `features`' rows when the words are of one
+    length, so a `max_seq_length` that fits the model's positions fits them here too, in
+    fixed shapes (XLA) as well."""
     chosen = torch.tensor(data.spread(len(features), max_examples))
     input_ids, lengths = features.input_ids[chosen], features.lengths[chosen]
     labels = features.labels[chosen]
-    reviews = torch.full_like(input_ids, tokenizer.pad_token_id)
-    review_lengths = lengths.clone()
     width = input_ids.shape[1]
+    reviews = input_ids.new_full((len(chosen), width - min(word_lengths(tokenizer).values())),
+                                 tokenizer.pad_token_id)
+    review_lengths = lengths.clone()
     for label, word in POLARITY.items():
         prefix = prompt_ids(tokenizer, word)[0].to(input_ids.dtype)
         rows = labels == label

@@ -7,9 +7,15 @@ a 2-layer GPT-2 saved with `save_pretrained`: the very files `from_pretrained` r
 Also a script, for real-data runs with a tiny model trained on NSMC's own text:
     python tests/fixtures.py --corpus ../shared/data/nsmc/ratings_train.txt --out tiny-kogpt2
 """
-import argparse
 import random
+import sys
 from pathlib import Path
+
+# The project's modules, one folder up, for the command line's checks and the corpus reader.
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+
+from options import ArgumentParser, check_at_least  # noqa: E402
+from runtime.errors import InputError  # noqa: E402
 
 # KoGPT2's special tokens, in id order: <s>=0 </s>=1 <usr>=2 <pad>=3 <sys>=4 <unk>=5 <mask>=6
 SPECIAL_TOKENS = ["<s>", "</s>", "<usr>", "<pad>", "<sys>", "<unk>", "<mask>"]
@@ -89,10 +95,8 @@ def build_tiny_kogpt2(out_dir, texts, vocab_size=400, **model_kwargs):
     return out_dir
 
 
-if __name__ == "__main__":
-    import os  # built on the CPU: keep accelerate from importing torch_xla (and its warning)
-    os.environ.setdefault("USE_TORCH_XLA", "0")
-    p = argparse.ArgumentParser(
+def parse_args(argv=None):
+    p = ArgumentParser(
         description=__doc__.split("\n")[0],
         epilog="Either --write_corpus DIR (a small NSMC-format sample corpus), or --corpus FILE "
                "--out DIR (a tiny model whose tokenizer is trained on FILE), or both.")
@@ -110,17 +114,53 @@ if __name__ == "__main__":
     p.add_argument("--n_layer", type=int, default=2)
     p.add_argument("--n_embd", type=int, default=64)
     p.add_argument("--n_head", type=int, default=2)
-    a = p.parse_args()
-    if not a.write_corpus and not (a.corpus and a.out):
-        p.error("give --write_corpus DIR, or --corpus FILE and --out DIR")
+    a = p.parse_args(argv)
     if bool(a.corpus) != bool(a.out):
         p.error("--corpus and --out go together")
-    if a.write_corpus:
-        root = write_corpus(a.write_corpus, n_train=a.train_reviews, n_test=a.test_reviews)
-        print(root / "nsmc" / "ratings_train.txt")
-        print(root / "nsmc" / "ratings_test.txt")
-    if a.corpus:
-        lines = Path(a.corpus).read_text(encoding="utf-8").splitlines()[1:a.lines + 1]
-        texts = [line.split("\t")[1] for line in lines if line.count("\t") == 2]
-        print(build_tiny_kogpt2(a.out, texts, a.vocab_size, n_layer=a.n_layer,
-                                n_embd=a.n_embd, n_head=a.n_head))
+    if not a.write_corpus and not a.corpus:
+        p.error("give --write_corpus DIR, or --corpus FILE and --out DIR")
+    return a
+
+
+def check_args(a):
+    """Refuse, in one line, what cannot build a corpus or a model."""
+    check_at_least(1, a, "train_reviews", "test_reviews", "lines", "n_layer", "n_embd", "n_head")
+    check_at_least(len(SPECIAL_TOKENS) + 1, a, "vocab_size",
+                   note=" (the special tokens and one more)")
+    if a.n_embd % a.n_head:
+        raise InputError(f"--n_embd {a.n_embd} does not split over --n_head {a.n_head} "
+                         f"attention heads; give an --n_embd that --n_head divides")
+
+
+def tokenizer_texts(corpus, lines):
+    """The reviews of the first `lines` lines of an NSMC-format file (its header skipped)."""
+    from corpus.read import given_file, read_corpus
+    texts = read_corpus(given_file("--corpus", corpus)).texts[:lines]
+    if not texts:
+        raise InputError(f"--corpus {corpus}: no review text to train a tokenizer on")
+    return texts
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    try:
+        check_args(a)
+        if a.corpus:  # read first: a bad file stops before anything is written
+            texts = tokenizer_texts(a.corpus, a.lines)
+        if a.write_corpus:
+            root = write_corpus(a.write_corpus, n_train=a.train_reviews, n_test=a.test_reviews)
+            print(root / "nsmc" / "ratings_train.txt")
+            print(root / "nsmc" / "ratings_test.txt")
+        if a.corpus:
+            print(build_tiny_kogpt2(a.out, texts, a.vocab_size, n_layer=a.n_layer,
+                                    n_embd=a.n_embd, n_head=a.n_head))
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    import os  # built on the CPU: keep accelerate from importing torch_xla (and its warning)
+    os.environ.setdefault("USE_TORCH_XLA", "0")
+    sys.exit(main())

@@ -86,7 +86,11 @@ def test_stripping_the_polarity_word_leaves_the_bare_review(untrained):
     bare = review_features(tokenizer, texts, None)
     for label in corpus_features.POLARITY:
         stripped = task.polarity.strip_polarity(review_features(tokenizer, texts, label), tokenizer)
-        assert torch.equal(stripped.input_ids, bare.input_ids)
+        # As much narrower as the polarity word: with the word back in front, as wide again.
+        word = task.generation.prompt_ids(tokenizer, corpus_features.POLARITY[label]).shape[1]
+        assert stripped.input_ids.shape[1] == bare.input_ids.shape[1] - word
+        assert torch.equal(stripped.input_ids, bare.input_ids[:, :-word])
+        assert (bare.input_ids[:, -word:] == tokenizer.pad_token_id).all()
         assert torch.equal(stripped.lengths, bare.lengths)
 
 

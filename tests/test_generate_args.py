@@ -71,24 +71,29 @@ def test_temperature_0_is_greedy_decoding(tiny_model, model_args, capsys, caplog
 # --------------------------------------------------------------------------- values out of range
 
 @pytest.mark.parametrize("flags, expected", [
-    (["--temperature", "-0.5"], "--temperature must be a finite number, 0 or more "
-                                "(0: greedy decoding), got -0.5"),
-    (["--temperature", "nan"], "--temperature must be a finite number, 0 or more "
-                               "(0: greedy decoding), got nan"),
-    (["--temperature", "inf"], "--temperature must be a finite number, 0 or more "
-                               "(0: greedy decoding), got inf"),
+    (["--temperature", "-0.5"], "--temperature must be from 1e-06 to 1e+06 "
+     "(0: greedy decoding), got -0.5"),
+    (["--temperature", "nan"], "--temperature must be from 1e-06 to 1e+06 "
+     "(0: greedy decoding), got nan"),
+    (["--temperature", "inf"], "--temperature must be from 1e-06 to 1e+06 "
+     "(0: greedy decoding), got inf"),
+    (["--temperature", "1e-30"], "--temperature must be from 1e-06 to 1e+06 "
+     "(0: greedy decoding), got 1e-30"),
     (["--top_p", "0"], "--top_p must be above 0 and at most 1 (1: off), got 0.0"),
     (["--top_p", "1.5"], "--top_p must be above 0 and at most 1 (1: off), got 1.5"),
     (["--top_p", "nan"], "--top_p must be above 0 and at most 1 (1: off), got nan"),
     (["--top_k", "-1"], "--top_k must be 0 or more (0: off), got -1"),
-    (["--repetition_penalty", "0"], "--repetition_penalty must be a finite number above 0 "
-                                    "(1: off), got 0.0"),
-    (["--repetition_penalty", "-1"], "--repetition_penalty must be a finite number above 0 "
-                                     "(1: off), got -1.0"),
-    (["--repetition_penalty", "nan"], "--repetition_penalty must be a finite number above 0 "
-                                      "(1: off), got nan"),
-    (["--repetition_penalty", "inf"], "--repetition_penalty must be a finite number above 0 "
-                                      "(1: off), got inf"),
+    (["--repetition_penalty", "0"], "--repetition_penalty must be from 1e-06 to "
+     "1e+06 (1: off; below 1: favours repetition), got 0.0"),
+    (["--repetition_penalty", "-1"], "--repetition_penalty must be from 1e-06 to "
+     "1e+06 (1: off; below 1: favours repetition), got -1.0"),
+    (["--repetition_penalty", "nan"], "--repetition_penalty must be from 1e-06 to "
+     "1e+06 (1: off; below 1: favours repetition), got nan"),
+    (["--repetition_penalty", "inf"], "--repetition_penalty must be from 1e-06 to "
+     "1e+06 (1: off; below 1: favours repetition), got inf"),
+    (["--repetition_penalty", "1e-30"], "--repetition_penalty must be from 1e-06 to "
+     "1e+06 (1: off; below 1: favours repetition), got 1e-30"),
+    (["--guidance", "1e300"], "--guidance must be from 1 to 1e+06 (1: off), got 1e+300"),
     (["--no_repeat_ngram_size", "-1"], "--no_repeat_ngram_size must be 0 or more (0: off), "
                                        "got -1"),
     (["--num_samples", "0"], "--num_samples must be 1 or more, got 0"),
@@ -121,8 +126,8 @@ def test_a_real_run_prints_the_one_line_and_exits_with_1(tiny_model):
                             cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 1 and result.stdout == "" and "Traceback" not in result.stderr
-    assert result.stderr.splitlines()[-1] == ("error: --temperature must be a finite number, "
-                                              "0 or more (0: greedy decoding), got nan")
+    assert result.stderr.splitlines()[-1] == ("error: --temperature must be from 1e-06 to 1e+06 "
+                                              "(0: greedy decoding), got nan")
 
 
 # --------------------------------------------------------------------------- the model's positions

@@ -438,7 +438,7 @@ def test_weights_that_overflow_are_never_written(train_args, tmp_path, capsys):
     ("--weight_decay", "nan", "--weight_decay must be 0 or more, got nan"),
     ("--warmup_ratio", "nan", "--warmup_ratio must be between 0 and 1, got nan"),
     ("--seed", "-1", "--seed must be between 0 and 2**32 - 1, got -1"),
-    ("--eval_size", "-1", "--eval_size must be 0 (all) or more, got -1"),
+    ("--eval_size", "-1", "--eval_size must be 0 or more (0: all), got -1"),
     ("--seed", str(2**32), f"--seed must be between 0 and 2**32 - 1, got {2**32}"),
 ])
 def test_every_flag_is_checked(train_args, capsys, flag, value, expected):
