@@ -57,8 +57,12 @@ def load_corpus(cfg, tokenizer, progress=True):
 
 def record_polarity_words(config, train_features):
     """Note in the model's config (its config.json, in every checkpoint and the best model)
-    the words its reviews are trained after: none for plain text. generate.py reads it."""
+    the words its reviews are trained after: none for plain text; and `prompt_response`,
+    whether it was trained to answer prompts (a .jsonl corpus of prompt/response pairs,
+    whose prompts are context, not trained). generate.py reads both."""
     config.polarity_words = list(POLARITY.values()) if train_features.labels is not None else []
+    trained_from = train_features.trained_from
+    config.prompt_response = bool(trained_from is not None and (trained_from > 0).any())
 
 
 def loaders(train_features, val_features, cfg, pad_token_id, backend, packed, grad_accum_steps):

@@ -5,6 +5,7 @@ measure how well the model keeps the two polarities apart.
     python generate.py --polarity 부정 --prompt "이 영화" --num_samples 3
     python generate.py --evaluate                        # polarity and control accuracy
     python generate.py --guidance 1                      # sampling without guidance
+    python generate.py --prompts_file questions.jsonl    # a model trained on a .jsonl corpus
 
 The model is given exactly what training gave it: `긍정 prompt` tokenized without special
 tokens, with no token_type_ids, and it writes until `</s>`. Sampling runs on a GPU when
@@ -19,8 +20,13 @@ on the training file) finds in the polarity asked for.
 
 `--guidance G` steers each review towards its polarity with transformers' classifier-free
 guidance, the other polarity word as the negative prompt (polarity.guidance_arguments).
+
+A model trained on a .jsonl corpus of prompt/response pairs answers prompts instead (train.py
+writes `prompt_response: true` into its config.json): each prompt is tokenized as training
+tokenized it, and only the new tokens, the response, are printed.
 """
 import argparse
+import json
 import sys
 
 import options
@@ -43,7 +49,14 @@ def parse_args(argv=None):
     p.add_argument("--polarity", default="both",
                    help="긍정 (positive), 부정 (negative), both, or none for a model trained "
                         "on texts without labels")
-    p.add_argument("--prompt", default="", help="the start of every review, to be continued")
+    p.add_argument("--prompt", default="",
+                   help="the start of every review, to be continued; for a model trained on "
+                        "prompt/response pairs (its config.json says prompt_response: true), "
+                        "the prompt to answer: only the response is printed")
+    p.add_argument("--prompts_file", default=None,
+                   help="for a model trained on prompt/response pairs: a .jsonl file of "
+                        "{\"prompt\": ...} lines, answered --batch_size at a time with "
+                        "{\"prompt\": ..., \"response\": ...} lines on standard output")
     p.add_argument("--num_samples", type=int, default=5, help="reviews per polarity")
     p.add_argument("--max_new_tokens", type=int, default=SAMPLING["max_new_tokens"],
                    help="a review stops at </s> or after this many tokens; with the "
@@ -92,7 +105,8 @@ def parse_args(argv=None):
                    help="--evaluate: score only N reviews, spread over the file (unset: all)")
     p.add_argument("--max_seq_length", type=int, default=32,
                    help="--evaluate: reviews are cut to this many tokens, as in training")
-    p.add_argument("--batch_size", type=int, default=32, help="--evaluate: reviews per batch")
+    p.add_argument("--batch_size", type=int, default=32,
+                   help="--evaluate: reviews per batch; --prompts_file: prompts per batch")
     p.add_argument("--cache_dir", default=str(default_cache_dir()),
                    help="where tokenized corpora are cached")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -107,13 +121,13 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 
 from corpus.features import POLARITY, load_features  # noqa: E402
-from corpus.read import NSMC_FILES, corpus_files, given_file  # noqa: E402
+from corpus.read import NSMC_FILES, corpus_files, given_file, read_prompts  # noqa: E402
 from model import load_model, load_tokenizer, max_positions  # noqa: E402
 from runtime.backends import Backend, choose_device  # noqa: E402
 from runtime.errors import InputError, not_utf8  # noqa: E402
 from runtime.rundir import check_best_model  # noqa: E402
-from task.generation import (check_fits, control_accuracy, prompt_length, tokens,  # noqa: E402
-                             write_reviews)
+from task.generation import (check_fits, control_accuracy, prompt_length,  # noqa: E402
+                             response_prompt_ids, tokens, write_responses, write_reviews)
 from task.nsmc import judge_of  # noqa: E402
 from task.polarity import check_scoring_fits, polarity_accuracy  # noqa: E402
 
@@ -127,7 +141,7 @@ def check_args(args):
     """Reject values that cannot work, naming the flag, before the model loads."""
     options.refuse_empty_paths(args, ["downstream_model_dir", "downstream_corpus_root_dir",
                                       "downstream_corpus_name", "val_file", "train_file",
-                                      "cache_dir"])
+                                      "cache_dir", "prompts_file"])
     for name in ["polarity", "prompt"]:
         if not_utf8(getattr(args, name)):
             raise InputError(f"--{name} is not UTF-8 (a terminal in cp949 or euc-kr sends "
@@ -135,9 +149,11 @@ def check_args(args):
     if args.polarity not in [*POLARITY.values(), "both", "none"]:
         raise InputError(f"--polarity {args.polarity}: choose 긍정 (positive), 부정 (negative), "
                          f"both, or none")
-    if args.polarity == "none" and not args.prompt.strip():
-        raise InputError("--polarity none needs a --prompt: a model trained without labels "
-                         "has nothing to start a text from")
+    if args.prompts_file:
+        check_prompts_file_args(args)
+    elif args.polarity == "none" and not args.prompt.strip():
+        raise InputError("--polarity none needs a --prompt (or --prompts_file): a model "
+                         "trained without labels has nothing to start a text from")
     check_at_least(1, args, "num_samples", "max_new_tokens", "batch_size", "max_seq_length",
                    "polarity_eval_size")
     check_at_least(0, args, "control_samples", note=" (0: none)")
@@ -149,6 +165,16 @@ def check_args(args):
     check_between(*FACTORS, args, "repetition_penalty",
                   note=" (1: off; below 1: favours repetition)")
     require(-2**63 <= args.seed < 2**64, "seed", args.seed, "from -2**63 to 2**64 - 1 (64 bits)")
+
+
+def check_prompts_file_args(args):
+    """--prompts_file answers prompts without polarity words: --polarity none, implied."""
+    for flag, given in [("--prompt", args.prompt), ("--evaluate", args.evaluate),
+                        (f"--polarity {args.polarity}", args.polarity not in ("both", "none"))]:
+        if given:
+            raise InputError(f"--prompts_file writes a response to each of its prompts, "
+                             f"without polarity words; leave {flag} out")
+    args.polarity = "none"
 
 
 def check_guidance(args):
@@ -188,17 +214,66 @@ def check_review_fits(args, positions, tokenizer, words, prompt):
                "use --max_new_tokens {room} or less")
 
 
+def responds(model):
+    """Whether train.py trained the model on prompt/response pairs (its config.json says
+    prompt_response: true), so that a prompt is answered rather than continued."""
+    return getattr(model.config, "prompt_response", None) is True
+
+
 def check_polarity_words(args, model):
-    """A model trained on plain text (its config.json, written by train.py, lists no
-    polarity words) has no polarity to write or measure."""
+    """A model trained on plain text or prompt/response pairs (its config.json, written by
+    train.py, lists no polarity words) has no polarity to write or measure."""
+    model_dir = f"--downstream_model_dir {args.downstream_model_dir}"
+    if args.prompts_file and not responds(model):
+        raise InputError(f"--prompts_file: {model_dir} was not trained on prompt/response "
+                         f"pairs (train.py writes prompt_response: true into config.json for a "
+                         f".jsonl corpus of them); use --prompt to continue a text")
     if getattr(model.config, "polarity_words", None) != []:
         return  # trained after them, or a model that does not say (not train.py's)
-    trained = (f"--downstream_model_dir {args.downstream_model_dir} was trained on plain "
-               f"text, without polarity words")
+    kind = "prompt/response pairs" if responds(model) else "plain text"
+    trained = f"{model_dir} was trained on {kind}, without polarity words"
     if args.evaluate:
         raise InputError(f"{trained}: it has no polarity to measure")
     if args.polarity != "none":
-        raise InputError(f"{trained}; use --polarity none with a --prompt")
+        also = ", or --prompts_file" if responds(model) else ""
+        raise InputError(f"{trained}; use --polarity none with a --prompt{also}")
+
+
+def prompts_to_answer(args):
+    """(prompts, how each is named in messages): --prompts_file's, else --prompt's, as many
+    times as --num_samples asks for (once for greedy decoding: it has one answer)."""
+    if args.prompts_file:
+        prompts, lines = read_prompts(given_file("--prompts_file", args.prompts_file))
+        return prompts, [f"{args.prompts_file}:{line}" for line in lines]
+    copies = 1 if args.temperature == 0 else args.num_samples
+    return [args.prompt] * copies, ["--prompt"] * copies
+
+
+def check_responses_fit(args, positions, prompts_ids, names):
+    """Refuse, naming it, a prompt that leaves less than --max_new_tokens positions."""
+    longest = max(range(len(prompts_ids)), key=lambda i: len(prompts_ids[i]))
+    given, name = len(prompts_ids[longest]), names[longest]
+    if positions and given >= positions:
+        raise InputError(f"{name}: the prompt is {tokens(given)}, too long for the model's "
+                         f"{positions} positions; shorten it by at least "
+                         f"{tokens(given - positions + 1)} to leave room for the response")
+    which = "--prompt" if name == "--prompt" else f"the longest prompt, {name}"
+    check_fits(positions, given, args.max_new_tokens, f"--max_new_tokens {args.max_new_tokens}",
+               f"the {tokens(given)} of {which}", "use --max_new_tokens {room} or less")
+
+
+def print_responses(args, model, tokenizer, prompts, names):
+    """Each prompt's response: as JSON lines for --prompts_file, else one a line."""
+    prompts_ids = response_prompt_ids(tokenizer, prompts)
+    check_responses_fit(args, max_positions(model.config), prompts_ids, names)
+    settings = sampling_settings(args)
+    for start in range(0, len(prompts), args.batch_size):
+        batch = slice(start, start + args.batch_size)
+        responses = write_responses(model, tokenizer, prompts_ids[batch], settings, args.seed)
+        for prompt, response in zip(prompts[batch], responses):
+            line = {"prompt": prompt, "response": response}
+            print(json.dumps(line, ensure_ascii=False) if args.prompts_file else response,
+                  flush=True)
 
 
 def sampling_settings(args):
@@ -263,12 +338,16 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         check_args(args)
+        requests = prompts_to_answer(args) if args.prompts_file else None  # before the model
         device = torch.device(choose_device(args.device, tpu_cores=0))  # never XLA: see above
         check_best_model(args.downstream_model_dir, "--downstream_model_dir")
         tokenizer = load_tokenizer(args.downstream_model_dir, flag="--downstream_model_dir")
         model = load_model(args.downstream_model_dir, tokenizer,
                            flag="--downstream_model_dir").to(device).eval()
         check_polarity_words(args, model)
+        if responds(model) and not args.evaluate:
+            print_responses(args, model, tokenizer, *(requests or prompts_to_answer(args)))
+            return 0
         check_positions(args, model, tokenizer)
         if args.evaluate:
             print_evaluation(args, model, tokenizer)

@@ -230,15 +230,46 @@ def read_jsonl(path):
     return pairs
 
 
-def json_object(path, number, line):
+def read_prompts(path):
+    """(prompts, their line numbers) of a JSON Lines file of `{"prompt": ...}` objects, one
+    a line (other keys ignored: a corpus file's responses are left alone), for generate.py
+    to answer. Blank lines are skipped; a line that is no such object, or a blank prompt,
+    is named, with what is wrong."""
+    if Path(path).stat().st_size == 0:
+        raise InputError(f"{path}: the file is empty; expected one JSON object a line, such "
+                         f"as {PROMPT_EXAMPLE}")
+    prompts, lines = [], []
+    for number, line in enumerate(read_lines(path), start=1):
+        if not line.strip():
+            continue
+        value = json_object(path, number, line, PROMPT_EXAMPLE)
+        if "prompt" not in value:
+            raise InputError(f'{path}:{number}: no "prompt" key; write one object a line, '
+                             f'such as {PROMPT_EXAMPLE}')
+        check_string(value, "prompt", f"{path}:{number}")
+        if not value["prompt"].strip():
+            raise InputError(f"{path}:{number}: the prompt is blank; give the text to answer, "
+                             f"or delete the line")
+        prompts.append(value["prompt"])
+        lines.append(number)
+    if not prompts:
+        raise InputError(f"{path}: no prompts, only blank lines; expected one JSON object a "
+                         f"line, such as {PROMPT_EXAMPLE}")
+    return prompts, lines
+
+
+PROMPT_EXAMPLE = '{"prompt": "..."}'
+
+
+def json_object(path, number, line, example=JSONL_EXAMPLE):
     try:
         value = json.loads(line)
     except json.JSONDecodeError as e:
         raise InputError(f"{path}:{number}: not JSON ({e.msg} at column {e.colno}); write "
-                         f"one object a line, such as {JSONL_EXAMPLE}") from None
+                         f"one object a line, such as {example}") from None
     if not isinstance(value, dict):
         raise InputError(f"{path}:{number}: expected a JSON object, found {json_kind(value)}; "
-                         f"write one object a line, such as {JSONL_EXAMPLE}")
+                         f"write one object a line, such as {example}")
     return value
 
 
@@ -252,15 +283,19 @@ def pair_of(value, where):
         if key not in value:
             raise InputError(f'{where}: no "{key}" key; each line needs "prompt" and '
                              f'"response", or "text" alone')
-        if not isinstance(value[key], str):
-            raise InputError(f'{where}: "{key}" must be a string, found '
-                             f'{json_kind(value[key])}')
-        try:
-            value[key].encode("utf-8")
-        except UnicodeEncodeError:  # json.loads lets \ud800 through; the tokenizer cannot
-            raise InputError(f'{where}: "{key}" holds a \\u escape that is no character (a '
-                             f'lone surrogate); fix the escape') from None
+        check_string(value, key, where)
     return ("", value["text"]) if keys == ["text"] else (value["prompt"], value["response"])
+
+
+def check_string(value, key, where):
+    """Refuse `value[key]` unless it is a string the tokenizer can read."""
+    if not isinstance(value[key], str):
+        raise InputError(f'{where}: "{key}" must be a string, found {json_kind(value[key])}')
+    try:
+        value[key].encode("utf-8")
+    except UnicodeEncodeError:  # json.loads lets \ud800 through; the tokenizer cannot
+        raise InputError(f'{where}: "{key}" holds a \\u escape that is no character (a '
+                         f'lone surrogate); fix the escape') from None
 
 
 def json_kind(value):

@@ -5,7 +5,7 @@ reviews written that an independent judge (judge.py) finds in the polarity asked
 """
 import torch
 
-from corpus.features import POLARITY
+from corpus.features import POLARITY, prompt_token_ids
 from runtime.errors import InputError
 from task import GUIDANCE, SAMPLING
 
@@ -83,10 +83,8 @@ def write_reviews(model, tokenizer, polarity, settings, prompt="", num_samples=1
 
     The same seed gives the same reviews, and the caller's random state is left as it
     was, so that training goes on exactly as if no samples had been drawn."""
-    greedy = settings.get("temperature") == 0
+    greedy, settings = decoding(settings)
     if greedy:
-        settings = {name: value for name, value in settings.items()
-                    if name not in ("temperature", "top_k", "top_p")}
         num_samples = 1
     input_ids = prompt_ids(tokenizer, polarity, prompt).to(model.device)
     guided = guidance_arguments(tokenizer, polarity, prompt, guidance, num_samples, model.device)
@@ -100,6 +98,46 @@ def write_reviews(model, tokenizer, polarity, settings, prompt="", num_samples=1
     # Whitespace splits the polarity word from the prompt, so it is the same tokens alone.
     skip = prompt_ids(tokenizer, polarity).shape[1] if polarity else 0
     return [tokenizer.decode(row[skip:], skip_special_tokens=True).strip() for row in output]
+
+
+def decoding(settings):
+    """(greedy, `settings` for `generate`): temperature 0 is greedy decoding, and the
+    arguments it has no use for are left out (transformers refuses or warns about them)."""
+    greedy = settings.get("temperature") == 0
+    if greedy:
+        settings = {name: value for name, value in settings.items()
+                    if name not in ("temperature", "top_k", "top_p")}
+    return greedy, settings
+
+
+def response_prompt_ids(tokenizer, prompts):
+    """Each prompt's token ids as training tokenized the prompt of a pair
+    (corpus.features): alone, without special tokens, not stripped, and here never cut."""
+    return prompt_token_ids(prompts, tokenizer, max_length=2**31 - 1)
+
+
+@torch.no_grad()
+def write_responses(model, tokenizer, prompts_ids, settings, seed=0):
+    """The response to each prompt (token id lists, see `response_prompt_ids`): the new
+    tokens only, up to `</s>`, from one `generate` call over the prompts left-padded to one
+    width (the attention mask hides the padding, and transformers numbers each row's
+    positions from its first real token, so a prompt's response does not depend on the
+    others in its batch). Seeded and leaving the random state alone, as `write_reviews`."""
+    greedy, settings = decoding(settings)
+    width = max(len(ids) for ids in prompts_ids)
+    input_ids = torch.full((len(prompts_ids), width), tokenizer.pad_token_id)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(prompts_ids):
+        input_ids[row, width - len(ids):] = torch.tensor(ids)
+        attention_mask[row, width - len(ids):] = 1
+    cuda = [model.device] if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        output = model.generate(input_ids=input_ids.to(model.device),
+                                attention_mask=attention_mask.to(model.device),
+                                do_sample=not greedy, eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=tokenizer.pad_token_id, **settings)
+    return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in output]
 
 
 def control_accuracy(model, tokenizer, judge_, num_samples, seed, guidance=GUIDANCE,
