@@ -128,19 +128,22 @@ def test_sampled_responses_follow_the_seed(pair_model, tmp_path, capsys):
 
 # --------------------------------------------------------------------------- refusals
 
-@pytest.mark.parametrize("lines, message", [
-    ([], "{f}: the file is empty; expected one JSON object a line, such as "
-         '{{"prompt": "..."}}'),
-    (["", "  "], "{f}: no prompts, only blank lines; expected one JSON object a line, such as "
-                 '{{"prompt": "..."}}'),
-    (["영화", "{not json"], "{f}:2: not JSON (Expecting property name enclosed in double "
-                           'quotes at column 2); write one object a line, such as {{"prompt": '
-                           '"..."}}'),
-    (['{"text": "영화"}'], '{f}:1: no "prompt" key; write one object a line, such as '
-                          '{{"prompt": "..."}}'),
+EXAMPLE = 'such as {{"prompt": "..."}}'
+FILE_TO_FIX = [
+    ([], f"{{f}}: the file is empty; expected one JSON object a line, {EXAMPLE}"),
+    (["", "  "],
+     f"{{f}}: no prompts, only blank lines; expected one JSON object a line, {EXAMPLE}"),
+    (["영화", "{not json"],
+     f"{{f}}:2: not JSON (Expecting property name enclosed in double quotes at column 2); "
+     f"write one object a line, {EXAMPLE}"),
+    (['{"text": "영화"}'], f'{{f}}:1: no "prompt" key; write one object a line, {EXAMPLE}'),
     (['{"prompt": 3}'], '{f}:1: "prompt" must be a string, found a number'),
-    (["영화", '{"prompt": " "}'], "{f}:2: the prompt is blank; give the text to answer, or delete the line"),
-])
+    (["영화", '{"prompt": " "}'],
+     "{f}:2: the prompt is blank; give the text to answer, or delete the line"),
+]
+
+
+@pytest.mark.parametrize("lines, message", FILE_TO_FIX)
 def test_a_bad_prompts_file_is_one_line(pair_model, tmp_path, capsys, lines, message):
     path = tmp_path / "prompts.jsonl"
     path.write_text("")
@@ -158,10 +161,10 @@ def test_a_prompt_too_long_for_the_positions_is_named(pair_model, tmp_path, caps
     prompts_file = write_prompts(tmp_path / "prompts.jsonl", ["영화", longest, "별로"])
     argv = ["--downstream_model_dir", str(pair_model), "--prompts_file", prompts_file,
             "--device", "cpu"]
-    assert run(argv + ["--max_new_tokens", "128"], capsys) == (1, "", (
-        f"error: --max_new_tokens 128 does not fit the model's 128 positions after the "
+    assert run(argv + ["--max_new_tokens", "128"], capsys) == (
+        1, "", f"error: --max_new_tokens 128 does not fit the model's 128 positions after the "
         f"{size} tokens of the longest prompt, {prompts_file}:2; use --max_new_tokens "
-        f"{128 - size} or less\n"))
+        f"{128 - size} or less\n")
     write_prompts(prompts_file, ["영화", " ".join(["정말"] * 200)])
     status, _, err = run(argv, capsys)
     assert status == 1 and err.startswith(f"error: {prompts_file}:2: the prompt is ")
@@ -169,21 +172,22 @@ def test_a_prompt_too_long_for_the_positions_is_named(pair_model, tmp_path, caps
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--prompt", "영화"], "--prompts_file writes a response to each of its prompts, without "
-                          "polarity words; leave --prompt out"),
-    (["--polarity", "긍정"], "--prompts_file writes a response to each of its prompts, without "
-                            "polarity words; leave --polarity 긍정 out"),
+    (["--prompt", "영화"], "leave --prompt out"),
+    (["--polarity", "긍정"], "leave --polarity 긍정 out"),
 ])
 def test_prompts_file_flags_that_cannot_go_with_it(pair_model, tmp_path, capsys, flags, message):
     prompts_file = write_prompts(tmp_path / "prompts.jsonl", PROMPTS)
     assert run(["--downstream_model_dir", str(pair_model), "--prompts_file", prompts_file,
-                *flags], capsys) == (1, "", f"error: {message}\n")
+                *flags], capsys) == (1, "", f"error: --prompts_file writes a response to each "
+                                            f"of its prompts, without polarity words; {message}\n")
 
 
 def test_a_model_not_trained_on_pairs_answers_no_prompts_file(tiny_model, tmp_path, capsys):
     prompts_file = write_prompts(tmp_path / "prompts.jsonl", PROMPTS)
-    assert run(["--downstream_model_dir", str(tiny_model), "--prompts_file", prompts_file,
-                "--device", "cpu"], capsys) == (1, "", (
+    status, out, err = run(["--downstream_model_dir", str(tiny_model), "--prompts_file",
+                            prompts_file, "--device", "cpu"], capsys)
+    assert (status, out) == (1, "")
+    assert err == (
         f"error: --prompts_file: --downstream_model_dir {tiny_model} was not trained on "
         f"prompt/response pairs (train.py writes prompt_response: true into config.json for a "
-        f".jsonl corpus of them); use --prompt to continue a text\n"))
+        f".jsonl corpus of them); use --prompt to continue a text\n")
