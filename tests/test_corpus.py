@@ -154,7 +154,7 @@ def test_train_on_plain_text_files_without_polarity(train_args, tmp_path):
     assert "polarity_accuracy" not in evaluation and "samples" not in evaluation
     # Recorded with the model, so that generate.py can say what the model cannot do.
     config = json.loads((tmp_path / "out" / "config.json").read_text(encoding="utf-8"))
-    assert config["polarity_words"] == []
+    assert config["polarity_words"] == [] and config["prompt_response"] is False
 
 
 def test_train_and_val_files_must_agree_on_labels(train_args, tmp_path, capsys):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from conftest import read_metrics, run_train
 
 import data
+import generate
 import train
 from corpus import features as corpus_features
 from corpus import read as corpus_read
@@ -308,7 +309,7 @@ def test_nsmc_reviews_keep_their_tokens_and_their_loss(tiny_model, tokenizer, mo
 # --------------------------------------------------------------------------- train.py
 
 @pytest.mark.slow
-def test_train_on_prompt_response_pairs(train_args, tmp_path):
+def test_train_on_prompt_response_pairs(train_args, tmp_path, capsys):
     pairs = [{"prompt": f"영화 {i} 어때", "response": "최고 명작" if i % 2 else "최악 지루"}
              for i in range(64)]
     train_file = write_jsonl(tmp_path / "train.jsonl",
@@ -326,3 +327,10 @@ def test_train_on_prompt_response_pairs(train_args, tmp_path):
             f"--max_seq_length 32 ({train_file}:65); raise --max_seq_length") in result.stdout
     evaluation = read_metrics(tmp_path / "out", "eval")[-1]
     assert "val_loss" in evaluation and "polarity_accuracy" not in evaluation
+    # Recorded with the model: generate.py answers its prompts (tests/test_respond.py).
+    config = json.loads((tmp_path / "out" / "config.json").read_text(encoding="utf-8"))
+    assert config["prompt_response"] is True and config["polarity_words"] == []
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "영화 3 어때"}])
+    assert generate.main(["--downstream_model_dir", str(tmp_path / "out"), "--prompts_file",
+                          str(prompts), "--max_new_tokens", "4", "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["prompt"] == "영화 3 어때"
