@@ -277,8 +277,8 @@ def read(path):
 def keep_xla_unloaded(device, tpu_cores=None):
     """Before torch is imported: when the run will not use XLA, tell accelerate and
     transformers (which import torch_xla when it is installed) to leave it alone."""
-    no_xla_asked = device == "auto" and not tpu_cores and not xla_accelerator()
-    if device in ("cpu", "cuda") or tpu_cores == 0 or no_xla_asked:
+    auto_finds_no_tpu = device == "auto" and not tpu_cores and not xla_accelerator()
+    if device in ("cpu", "cuda") or tpu_cores == 0 or auto_finds_no_tpu:
         os.environ.setdefault("USE_TORCH_XLA", "0")
 
 
