@@ -27,6 +27,7 @@ tokenized it, and only the new tokens, the response, are printed.
 """
 import argparse
 import json
+import math
 import sys
 
 import options
@@ -102,7 +103,8 @@ def parse_args(argv=None):
     p.add_argument("--control_samples", type=int, default=100,
                    help="--evaluate: reviews written for each polarity and judged (0: none)")
     p.add_argument("--polarity_eval_size", type=int, default=None,
-                   help="--evaluate: score only N reviews, spread over the file (unset: all)")
+                   help="--evaluate: score only N reviews (or pairs), spread over the file "
+                        "(unset: all)")
     p.add_argument("--max_seq_length", type=int, default=32,
                    help="--evaluate: reviews are cut to this many tokens, as in training")
     p.add_argument("--batch_size", type=int, default=32,
@@ -122,14 +124,17 @@ import torch  # noqa: E402
 
 from corpus.features import POLARITY, load_features  # noqa: E402
 from corpus.read import NSMC_FILES, corpus_files, given_file, read_prompts  # noqa: E402
+from data import ReviewBatches, spread  # noqa: E402
 from model import load_model, load_tokenizer, max_positions  # noqa: E402
 from runtime.backends import Backend, choose_device  # noqa: E402
 from runtime.errors import InputError, not_utf8  # noqa: E402
 from runtime.rundir import check_best_model  # noqa: E402
 from task.generation import (check_fits, control_accuracy, prompt_length,  # noqa: E402
                              response_prompt_ids, tokens, write_responses, write_reviews)
+from task.generation import reproduced_share  # noqa: E402
 from task.nsmc import judge_of  # noqa: E402
 from task.polarity import check_scoring_fits, polarity_accuracy  # noqa: E402
+from train import count_targets, token_loss_sum  # noqa: E402  (the loss as training takes it)
 
 
 def polarity_words(polarity):
@@ -232,9 +237,9 @@ def check_polarity_words(args, model):
         return  # trained after them, or a model that does not say (not train.py's)
     kind = "prompt/response pairs" if responds(model) else "plain text"
     trained = f"{model_dir} was trained on {kind}, without polarity words"
-    if args.evaluate:
+    if args.evaluate and not responds(model):
         raise InputError(f"{trained}: it has no polarity to measure")
-    if args.polarity != "none":
+    if args.polarity != "none" and not args.evaluate:  # a pairs model's: its responses
         also = ", or --prompts_file" if responds(model) else ""
         raise InputError(f"{trained}; use --polarity none with a --prompt{also}")
 
@@ -324,6 +329,32 @@ def print_evaluation(args, model, tokenizer):
           flush=True)
 
 
+@torch.no_grad()
+def print_response_evaluation(args, model, tokenizer):
+    """--evaluate for a model trained on pairs: the loss on the responses of --val_file, as
+    training takes it, and the share of them that greedy decoding writes exactly."""
+    if not args.val_file:
+        raise InputError("--evaluate: give --val_file, a .jsonl file of prompts and responses")
+    check_fits(max_positions(model.config), 0, args.max_seq_length,
+               f"--max_seq_length {args.max_seq_length}", "", "use --max_seq_length {room}")
+    val_file = given_file("--val_file", args.val_file)
+    features = load_features(val_file, tokenizer, args.max_seq_length, args.cache_dir)
+    indices = spread(len(features), args.polarity_eval_size)
+    batches = ReviewBatches(features, tokenizer.pad_token_id, False, args.batch_size)
+    loss, count = 0.0, 0
+    for first in range(0, len(indices), args.batch_size):
+        batch = batches[indices[first:first + args.batch_size]]
+        batch = {name: tensor.to(model.device) for name, tensor in batch.items()}
+        loss += token_loss_sum(model, batch).item()
+        count += count_targets(batch).item()
+    loss /= max(count, 1)
+    print(f"val_loss {loss:.4f} perplexity {math.exp(min(loss, 50)):.2f} on the responses of "
+          f"{len(indices):,} examples of {val_file}", flush=True)
+    share, asked = reproduced_share(model, tokenizer, features, indices, args.batch_size)
+    print(f"exact responses: {share:.4f} of {asked:,} prompts answered word for word by "
+          f"greedy decoding", flush=True)
+
+
 def print_polarity_accuracy(args, model, tokenizer, val_file):
     features = load_features(val_file, tokenizer, args.max_seq_length, args.cache_dir)
     if features.labels is None or len(features) == 0:
@@ -345,8 +376,11 @@ def main(argv=None):
         model = load_model(args.downstream_model_dir, tokenizer,
                            flag="--downstream_model_dir").to(device).eval()
         check_polarity_words(args, model)
-        if responds(model) and not args.evaluate:
+        if responds(model) and args.evaluate:
+            print_response_evaluation(args, model, tokenizer)
+        elif responds(model):
             print_responses(args, model, tokenizer, *(requests or prompts_to_answer(args)))
+        if responds(model):
             return 0
         check_positions(args, model, tokenizer)
         if args.evaluate:

@@ -140,6 +140,24 @@ def write_responses(model, tokenizer, prompts_ids, settings, seed=0):
     return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in output]
 
 
+def reproduced_share(model, tokenizer, features, indices, batch_size):
+    """(share, count): of the examples `indices` of `features` that have an untrained
+    prompt, the share whose response greedy decoding writes exactly (as text, up to
+    `</s>`), each from its prompt's tokens as training cut them."""
+    ids, lengths, starts = features.input_ids, features.lengths, features.trained_from
+    asked = [i for i in indices if starts is not None and starts[i] > 0]
+    same = 0
+    for first in range(0, len(asked), batch_size):
+        batch = asked[first:first + batch_size]
+        wanted = [tokenizer.decode(ids[i, starts[i]:lengths[i] - 1],
+                                   skip_special_tokens=True).strip() for i in batch]
+        longest = max(int(lengths[i] - starts[i]) for i in batch)  # the response and </s>
+        written = write_responses(model, tokenizer, [ids[i, :starts[i]].tolist() for i in batch],
+                                  {"temperature": 0, "max_new_tokens": longest})
+        same += sum(w == r for w, r in zip(written, wanted))
+    return (same / len(asked) if asked else 0.0), len(asked)
+
+
 def control_accuracy(model, tokenizer, judge_, num_samples, seed, guidance=GUIDANCE,
                      settings=SAMPLING):
     """The share of `num_samples` reviews written for each polarity that `judge_` (see

@@ -191,3 +191,73 @@ def test_a_model_not_trained_on_pairs_answers_no_prompts_file(tiny_model, tmp_pa
         f"error: --prompts_file: --downstream_model_dir {tiny_model} was not trained on "
         f"prompt/response pairs (train.py writes prompt_response: true into config.json for a "
         f".jsonl corpus of them); use --prompt to continue a text\n")
+
+
+# --------------------------------------------------------------------------- --evaluate
+
+PAIRS = [("영화 어때", "정말 최고"), ("배우 연기", "별로 지루"), ("그 영화", "감독 최고 배우"),
+         ("스토리", "지루 했다")]
+
+
+def write_pairs(path, pairs):
+    lines = [json.dumps({"prompt": p, "response": r}, ensure_ascii=False) for p, r in pairs]
+    Path(path).write_text("\n".join(lines + ['{"text": "prompt 없는 글"}']) + "\n",
+                          encoding="utf-8")
+    return str(path)
+
+
+def test_evaluate_reports_the_loss_on_the_responses_and_the_exact_share(
+        pair_model, tmp_path, capsys):
+    val = write_pairs(tmp_path / "val.jsonl", PAIRS)
+    status, out, err = run(["--downstream_model_dir", str(pair_model), "--evaluate",
+                            "--val_file", val, "--max_seq_length", "32", "--batch_size", "3",
+                            "--cache_dir", str(tmp_path / "cache"), "--device", "cpu"], capsys)
+    assert status == 0, err
+    tokenizer = load_tokenizer(str(pair_model))
+    model = load_model(str(pair_model), tokenizer).eval()
+    features = corpus_features.encode(corpus_read.read_corpus(val), tokenizer, 32)
+    loss, count, same = 0.0, 0, 0
+    for ids, length, start in zip(features.input_ids, features.lengths, features.trained_from):
+        ids = ids[:length].long()
+        with torch.no_grad():  # each example alone: the targets are the response and </s>
+            logits = model(ids[None]).logits[0]
+        first = max(int(start), 1)
+        loss += torch.nn.functional.cross_entropy(logits[first - 1:-1], ids[first:],
+                                                  reduction="sum").item()
+        count += length.item() - first
+        if start > 0:  # a pair: does plain greedy decoding write its response, then </s>?
+            prompt = ids[None, :start]
+            written = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                                     do_sample=False, max_new_tokens=int(length - start),
+                                     eos_token_id=tokenizer.eos_token_id,
+                                     pad_token_id=tokenizer.pad_token_id)[0, start:]
+            same += tokenizer.decode(written, skip_special_tokens=True).strip() == \
+                tokenizer.decode(ids[start:-1], skip_special_tokens=True).strip()
+    lines = out.splitlines()
+    assert lines[0].startswith(f"val_loss {loss / count:.4f} ")
+    assert "on the responses of 5 examples" in lines[0]
+    assert lines[1].startswith(f"exact responses: {same / len(PAIRS):.4f} of {len(PAIRS)} prompts")
+
+
+def test_the_exact_share_counts_responses_written_word_for_word(tiny_model, monkeypatch):
+    tokenizer = load_tokenizer(str(tiny_model))
+    features = corpus_features.encode(corpus_read.Pairs(*map(list, zip(*PAIRS))), tokenizer, 32)
+    asked = []
+
+    def two_right_two_wrong(model, tokenizer, prompts_ids, settings, seed=0):
+        assert settings["temperature"] == 0  # greedy decoding
+        asked.extend(prompts_ids)
+        return [response if i < 2 else response + " 더" for i, (_, response) in enumerate(PAIRS)]
+    monkeypatch.setattr(task.generation, "write_responses", two_right_two_wrong)
+    share, count = task.generation.reproduced_share(None, tokenizer, features, range(4), 4)
+    assert (share, count) == (0.5, 4)
+    # each from its prompt as training tokenized it
+    assert asked == [features.input_ids[i, :features.trained_from[i]].tolist() for i in range(4)]
+
+
+def test_evaluate_needs_the_pairs_to_score(pair_model, capsys):
+    status, _, err = run(["--downstream_model_dir", str(pair_model), "--evaluate",
+                          "--device", "cpu"], capsys)
+    assert status == 1
+    assert err.strip() == ("error: --evaluate: give --val_file, a .jsonl file of prompts and "
+                           "responses")
