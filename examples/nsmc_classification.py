@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's
 from corpus.features import POLARITY  # noqa: E402
 from corpus.read import (Reviews, given_file, json_object, read_corpus,  # noqa: E402
                          read_prompts)
+from model import load_tokenizer  # noqa: E402
 from options import ArgumentParser, check_at_least  # noqa: E402
 from runtime.errors import InputError, write_atomically  # noqa: E402
 
@@ -36,6 +37,9 @@ def parse_args(argv=None):
     p.add_argument("--score", metavar="ANSWERS",
                    help="generate.py --prompts_file's output, to score against --pairs")
     p.add_argument("--pairs", help="--score: the .jsonl file the prompts came from")
+    p.add_argument("--tokenizer", help="--score: the model's folder; each expected answer is "
+                                       "compared as its tokenizer can write it (a character it "
+                                       "lacks, an <unk>, drops out of the model's answers too)")
     return p.parse_args(argv)
 
 
@@ -53,10 +57,15 @@ def write_pairs(corpus, out, max_examples=None):
     return len(lines)
 
 
-def accuracy(answers, pairs):
-    """The share of the prompts of `pairs` whose answer in `answers` is their response."""
+def accuracy(answers, pairs, tokenizer=None):
+    """The share of the prompts of `pairs` whose answer in `answers` is their response (as
+    `tokenizer`, when given, writes it)."""
     prompts, _ = read_prompts(given_file("--pairs", pairs))  # each line checked, bad ones named
     wanted = [value["response"] for value in json_lines(pairs)]
+    if tokenizer:
+        tok = load_tokenizer(tokenizer, flag="--tokenizer")
+        wanted = [tok.decode(tok(w, add_special_tokens=False)["input_ids"],
+                             skip_special_tokens=True).strip() for w in wanted]
     given = json_lines(given_file("--score", answers))
     if [answer.get("prompt") for answer in given] != prompts:
         raise InputError(f"--score {answers}: its prompts are not those of --pairs {pairs}, in "
@@ -78,7 +87,7 @@ def main(argv=None):
         if args.score:
             if not args.pairs:
                 raise InputError("--score needs --pairs, the file whose prompts were answered")
-            print(f"accuracy: {accuracy(args.score, args.pairs):.4f}")
+            print(f"accuracy: {accuracy(args.score, args.pairs, args.tokenizer):.4f}")
         elif args.corpus and args.out:
             count = write_pairs(args.corpus, args.out, args.max_examples)
             print(f"wrote {count:,} pairs to {args.out}")

@@ -53,6 +53,15 @@ def test_answers_are_scored_against_the_pairs(tmp_path, capsys):
     assert run(["--score", str(answers), "--pairs", str(pairs)], capsys)[1] == "accuracy: 0.5000\n"
 
 
+def test_an_answer_is_compared_as_the_tokenizer_can_write_it(tiny_model, tmp_path, capsys):
+    pairs, answers = tmp_path / "pairs.jsonl", tmp_path / "answers.jsonl"
+    pairs.write_text('{"prompt": "리뷰", "response": "꿻정"}\n', encoding="utf-8")  # 꿻: unknown
+    answers.write_text('{"prompt": "리뷰", "response": "정"}\n', encoding="utf-8")
+    argv = ["--score", str(answers), "--pairs", str(pairs)]
+    assert run(argv, capsys)[1] == "accuracy: 0.0000\n"
+    assert run(argv + ["--tokenizer", str(tiny_model)], capsys)[1] == "accuracy: 1.0000\n"
+
+
 @pytest.mark.parametrize("case, message", [
     ("unlabelled", "no labels; give a labelled file"),
     ("other prompts", "its prompts are not those of --pairs"),
