@@ -125,7 +125,7 @@ import torch  # noqa: E402
 from corpus.features import POLARITY, load_features  # noqa: E402
 from corpus.read import NSMC_FILES, corpus_files, given_file, read_prompts  # noqa: E402
 from data import ReviewBatches, spread  # noqa: E402
-from model import load_model, load_tokenizer, max_positions  # noqa: E402
+from model import load_model, load_tokenizer, max_positions, model_inputs  # noqa: E402
 from runtime.backends import Backend, choose_device  # noqa: E402
 from runtime.errors import InputError, not_utf8  # noqa: E402
 from runtime.rundir import check_best_model  # noqa: E402
@@ -134,7 +134,6 @@ from task.generation import (check_fits, control_accuracy, prompt_length,  # noq
 from task.generation import reproduced_share  # noqa: E402
 from task.nsmc import judge_of  # noqa: E402
 from task.polarity import check_scoring_fits, polarity_accuracy  # noqa: E402
-from train import count_targets, token_loss_sum  # noqa: E402  (the loss as training takes it)
 
 
 def polarity_words(polarity):
@@ -331,8 +330,9 @@ def print_evaluation(args, model, tokenizer):
 
 @torch.no_grad()
 def print_response_evaluation(args, model, tokenizer):
-    """--evaluate for a model trained on pairs: the loss on the responses of --val_file, as
-    training takes it, and the share of them that greedy decoding writes exactly."""
+    """--evaluate for a model trained on pairs: the loss on the responses of --val_file (the
+    prompts' labels are -100, as in training), and the share of them that greedy decoding
+    writes exactly."""
     if not args.val_file:
         raise InputError("--evaluate: give --val_file, a .jsonl file of prompts and responses")
     check_fits(max_positions(model.config), 0, args.max_seq_length,
@@ -345,8 +345,9 @@ def print_response_evaluation(args, model, tokenizer):
     for first in range(0, len(indices), args.batch_size):
         batch = batches[indices[first:first + args.batch_size]]
         batch = {name: tensor.to(model.device) for name, tensor in batch.items()}
-        loss += token_loss_sum(model, batch).item()
-        count += count_targets(batch).item()
+        trained = (batch["labels"][:, 1:] != -100).sum().item()  # what the mean is over
+        loss += model(**model_inputs(model, batch), labels=batch["labels"]).loss.item() * trained
+        count += trained
     loss /= max(count, 1)
     print(f"val_loss {loss:.4f} perplexity {math.exp(min(loss, 50)):.2f} on the responses of "
           f"{len(indices):,} examples of {val_file}", flush=True)
