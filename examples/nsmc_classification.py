@@ -22,7 +22,7 @@ from corpus.read import (Reviews, given_file, json_object, read_corpus,  # noqa:
                          read_prompts)
 from model import load_tokenizer  # noqa: E402
 from options import ArgumentParser, check_at_least  # noqa: E402
-from runtime.errors import InputError, write_atomically  # noqa: E402
+from runtime.errors import InputError, first_line, write_atomically  # noqa: E402
 
 QUESTION = "\n이 리뷰는 긍정일까요, 부정일까요?"  # after the review: a long one loses its start
 
@@ -52,8 +52,11 @@ def write_pairs(corpus, out, max_examples=None):
     pairs = list(zip(reviews.texts, reviews.labels))[:max_examples]
     lines = [json.dumps({"prompt": text + QUESTION, "response": POLARITY[label]},
                         ensure_ascii=False) for text, label in pairs]
-    write_atomically(out, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n",
-                                                           encoding="utf-8"))
+    try:
+        write_atomically(out, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n",
+                                                               encoding="utf-8"))
+    except OSError as e:  # a full disk, a folder that cannot be made: nothing half-written
+        raise InputError(f"--out {out}: could not write it ({first_line(e)})") from None
     return len(lines)
 
 

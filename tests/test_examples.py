@@ -64,6 +64,7 @@ def test_an_answer_is_compared_as_the_tokenizer_can_write_it(tiny_model, tmp_pat
 
 @pytest.mark.parametrize("case, message", [
     ("unlabelled", "no labels; give a labelled file"),
+    ("unwritable", "could not write it"),
     ("other prompts", "its prompts are not those of --pairs"),
     ("bad answer line", ":2: not JSON"),
     ("no pairs", "--score needs --pairs"),
@@ -77,7 +78,10 @@ def test_bad_input_is_one_line(tmp_path, capsys, case, message):
     answers.write_text({"other prompts": '{"prompt": "b", "response": "긍정"}\n',
                         "bad answer line": '{"prompt": "a", "response": "긍정"}\n{oops\n'}
                        .get(case, '{"prompt": "a", "response": "긍정"}\n'), encoding="utf-8")
+    labelled = tmp_path / "labelled.txt"
+    labelled.write_text("좋은 영화\t1\n", encoding="utf-8")
     argv = {"unlabelled": ["--corpus", str(plain), "--out", str(tmp_path / "x.jsonl")],
+            "unwritable": ["--corpus", str(labelled), "--out", str(plain / "x.jsonl")],
             "no pairs": ["--score", str(answers)], "nothing to do": []}.get(
         case, ["--score", str(answers), "--pairs", str(pairs)])
     status, _, err = run(argv, capsys)
