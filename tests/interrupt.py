@@ -13,7 +13,8 @@ FAULT is one of
   two-signals-in-eval  SIGINT, then SIGTERM, as evaluation number STEP starts
   best-disk-full every export of the best model fails as on a full disk
   await-signal   after step STEP, wait (up to 2 minutes) for a signal sent from outside (to
-                 torchrun, say), so that the run surely stops at STEP, a report step
+                 torchrun, say), so that the run surely stops at STEP, a report step; each
+                 process marks that it waits (awaiting_mark), for the test to signal then
 
 On XLA the faults are set up in the replica process too: `xmp.spawn` starts it by importing
 this script again (as __mp_main__, with the same sys.argv). Under torchrun every process
@@ -64,6 +65,14 @@ def fail_in_replica_1(function, model, optimizer, scheduler, window, backend, *r
     return function(model, optimizer, scheduler, window, backend, *rest)
 
 
+def awaiting_mark(train_args, rank):
+    """The file that process `rank` of an await-signal run creates once it waits for the
+    signal, beside the run's output directory: a test that signals before every process
+    is there would stop the run at an earlier step, whatever the machine's load."""
+    out = Path(train_args[train_args.index("--downstream_model_dir") + 1])
+    return out.with_name(f"{out.name}.awaiting-signal-{rank}")
+
+
 def install_fault():
     """Wrap train.py's functions as sys.argv asks; returns the arguments for train.py."""
     fault, step, dashes, *train_args = sys.argv[1:]
@@ -74,6 +83,7 @@ def install_fault():
     elif fault == "await-signal":
         def wait_for_signal(function, *args):
             result = function(*args)
+            awaiting_mark(train_args, args[4].rank).touch()  # the test may signal now
             deadline = time.monotonic() + 120
             while StopSignal.signum is None and time.monotonic() < deadline:
                 time.sleep(0.05)
