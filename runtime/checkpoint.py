@@ -235,8 +235,8 @@ def check_resharding(saved, current, warn):
                          f"processes) and this run has {current['batch_size']} x {now}; {fix}")
     if current.get("group_by_length"):
         raise InputError(f"--resume: --group_by_length groups each process's share of the data "
-                         f"by length, so {now} processes would train on other batches than "
-                         f"the checkpoint's {before}; resume on {before} processes")
+                         f"by length, so this run's {now} would train on other batches than "
+                         f"the checkpoint's {before} processes; resume on {before} processes")
     if warn:
         print(f"warning: --resume: the checkpoint was trained on {before} processes and this "
               f"run has {now}: resharded, with the same global batch of {batch}, it continues "

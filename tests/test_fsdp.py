@@ -8,7 +8,13 @@ import pytest
 import torch
 from conftest import ROOT, read_metrics, run_train
 from test_replicas import assert_same_run, assert_same_weights, max_weight_difference
-from test_torchrun import dropout_free_model, run_args, torchrun, torchrun_command  # noqa: F401
+from test_torchrun import (  # noqa: F401
+    dropout_free_model,
+    error_lines,
+    run_args,
+    torchrun,
+    torchrun_command,
+)
 from transformers import AutoModelForCausalLM
 
 import runtime.rundir
@@ -62,7 +68,7 @@ def test_kill_9_mid_epoch_then_resume_latest_ends_as_an_uninterrupted_run(
         tiny_model, corpus, tmp_path):
     """Dropout on and the CPU's default precision (bf16 where it has AMX): each process's
     shards, optimizer state and random state continue exactly."""
-    run = ["--max_steps", "8", "--save_every_steps", "3", "--log_every", "2", "--fsdp"]
+    run = ["--max_steps", "6", "--save_every_steps", "3", "--log_every", "1", "--fsdp"]
     reference = tmp_path / "reference"
     assert torchrun(run_args(tiny_model, corpus, reference, 16, *run)).returncode == 0
     args = run_args(tiny_model, corpus, tmp_path / "out", 16, *run)
@@ -71,11 +77,12 @@ def test_kill_9_mid_epoch_then_resume_latest_ends_as_an_uninterrupted_run(
     assert runtime.rundir.latest_checkpoint(tmp_path / "out").name == "checkpoint-3"
     resumed = torchrun(args + ["--resume", "latest"])
     assert resumed.returncode == 0, resumed.stderr
-    assert "(step 3, epoch 0)" in resumed.stdout
+    assert "(step 3, epoch 1)" in resumed.stdout
     assert_same_run(tmp_path / "out", reference)
 
 
-def test_a_checkpoint_of_2_processes_resumes_on_1_and_on_2(dropout_free_model, corpus, tmp_path):
+def test_a_checkpoint_of_2_processes_resumes_on_1_and_on_2(
+        dropout_free_model, corpus, tmp_path):  # noqa: F811
     """Resharded onto 1 process with the same global batch, the run continues where the
     epoch stood (the same examples each step): the losses of the run on 2, to rounding; on
     2 again, exactly. Another global batch is refused in one line naming the fix."""
@@ -91,11 +98,11 @@ def test_a_checkpoint_of_2_processes_resumes_on_1_and_on_2(dropout_free_model, c
 
     one = tmp_path / "one"
     refused = torchrun_on(1, run_args(dropout_free_model, corpus, one, 16, *run, *checkpoint))
-    assert refused.returncode == 1
-    assert refused.stderr.strip().splitlines()[-1] == (
+    assert refused.returncode != 0
+    assert error_lines(refused.stderr) == [
         "error: --resume: the checkpoint was trained with a global batch of 32 examples "
         "(--batch_size 16 on each of 2 processes) and this run has 16 x 1; use --batch_size "
-        "32 to keep it")
+        "32 to keep it"]
     result = torchrun_on(1, run_args(dropout_free_model, corpus, one, 32, *run, *checkpoint))
     assert result.returncode == 0, result.stderr
     assert [line for line in result.stderr.splitlines() if line.startswith("warning")] == [
