@@ -8,6 +8,7 @@ sent to the others, checkpoints that each process writes its shard of
                          the model and the optimizer), training_state.pt, rng_state_<rank>.pt
 """
 import contextlib
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,6 +27,9 @@ from runtime.backends import TorchrunBackend
 from runtime.errors import InputError, first_line
 
 SHARDS = "shards"  # the folder of a checkpoint that torch.distributed.checkpoint writes
+# torch.distributed.checkpoint's own writer calls the deprecated tensor.storage(): a warning
+# per save that says nothing about the run.
+warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning)
 
 
 def is_sharded(folder):

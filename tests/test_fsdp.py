@@ -45,8 +45,11 @@ def test_two_sharded_processes_train_what_one_process_with_a_double_batch_trains
     """2 processes x 16 examples, and x 8 examples x 2 accumulated (the gradients reduced
     after the last micro-batch only), against one process with 32: the same losses and
     weights, to the DDP test's tolerance. A low --max_grad_norm clips every step, so a norm
-    taken over one process's shards alone would train something else."""
-    common = ["--max_steps", "4", "--precision", "fp32", "--max_grad_norm", "0.05"]
+    taken over one process's shards alone would train something else. 33 validation
+    reviews: one process scores 17 (2 batches), the other 16 (1 batch, and one that scores
+    nothing, since every forward needs both)."""
+    common = ["--max_steps", "4", "--precision", "fp32", "--max_grad_norm", "0.05",
+              "--eval_size", "33", "--polarity_eval_size", "33"]
     reference = tmp_path / "one"
     result = run_train(run_args(dropout_free_model, corpus, reference, 32, *common))
     assert result.returncode == 0, result.stderr
@@ -79,6 +82,21 @@ def test_kill_9_mid_epoch_then_resume_latest_ends_as_an_uninterrupted_run(
     assert resumed.returncode == 0, resumed.stderr
     assert "(step 3, epoch 1)" in resumed.stdout
     assert_same_run(tmp_path / "out", reference)
+
+
+def test_a_shard_that_one_process_cannot_write_is_one_line_and_keeps_the_last_checkpoint(
+        tiny_model, corpus, tmp_path):
+    out = tmp_path / "out"
+    args = run_args(tiny_model, corpus, out, 16, "--max_steps", "4", "--save_every_steps", "2",
+                    "--fsdp")
+    result = torchrun(["shard-disk-full", "4", "--", *args], script="tests/interrupt.py")
+    assert result.returncode != 0
+    assert error_lines(result.stderr) == [
+        f"error: could not write {out / 'checkpoint-4'} (process 1: [Errno 28] No space left "
+        f"on device); {out / 'checkpoint-2'} is intact. Free some space, then run the same "
+        f"command with --resume latest"], result.stderr
+    assert [p.name for p in runtime.rundir.checkpoints(out)] == ["checkpoint-2"]
+    assert runtime.rundir.is_complete(out / "checkpoint-2")
 
 
 def test_a_checkpoint_of_2_processes_resumes_on_1_and_on_2(
