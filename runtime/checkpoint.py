@@ -128,7 +128,7 @@ def check_finite_weights(backend, model, step):
     """A non-finite loss is caught when it is reported; weights that overflowed without
     one (an infinite learning rate) are caught here, before anything is written. One host
     read for all the parameters; sharded, each replica reads its shards and all agree."""
-    finite = torch.stack([torch.isfinite(getattr(p, "_local_tensor", p)).all()
+    finite = torch.stack([torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()
                           for p in model.parameters()]).all()
     if backend.shards_model:
         finite = not backend.any_replica(not finite)
