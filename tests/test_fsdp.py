@@ -2,6 +2,7 @@
 with the whole global batch trains; sharded checkpoints resume exactly after kill -9, and
 on another number of processes; a Llama-family model trains and exports. Each run starts
 processes on a 2-core machine, so each test keeps to a few short runs."""
+import re
 import subprocess
 
 import pytest
@@ -162,3 +163,14 @@ def test_a_sharded_llama_trains_what_one_process_trains_and_exports(tiny_model, 
     exported = AutoModelForCausalLM.from_pretrained(out)
     assert type(exported).__name__ == "LlamaForCausalLM"
     assert_same_weights(out, reference, llama)
+
+
+@pytest.mark.parametrize("mode", [[], ["--every_process"]])
+def test_load_once_reports_each_process_peak_memory(tiny_model, mode):
+    """benchmarks/load_once.py, which measured docs/bigger-models.md's table, at a tiny size."""
+    result = torchrun(["--pretrained_model_name", str(tiny_model), *mode],
+                      script="benchmarks/load_once.py", timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()[-2:]
+    assert [line.split(":")[0] for line in lines] == ["process 0", "process 1"]
+    assert all(re.fullmatch(r"process \d: peak RSS \d+ MiB", line) for line in lines)
