@@ -87,8 +87,9 @@ def save_checkpoint(cfg, backend, progress, model, tokenizer, optimizer, schedul
 
     error = write_or_error(write_model_and_state) if backend.is_master else None
     backend.barrier("checkpoint-started")  # the folder exists before the replicas write in it
-    # Every replica, whatever failed before: writing shards is a collective.
-    error = write_or_error(write_replica_part) if error is None else error
+    # Every replica, even after the master's failure: writing shards is a collective.
+    part_error = write_or_error(write_replica_part)
+    error = error or part_error
     if backend.any_replica(error is not None):
         if backend.is_master:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -85,15 +85,19 @@ def test_kill_9_mid_epoch_then_resume_latest_ends_as_an_uninterrupted_run(
     assert_same_run(tmp_path / "out", reference)
 
 
-def test_a_shard_that_one_process_cannot_write_is_one_line_and_keeps_the_last_checkpoint(
-        tiny_model, corpus, tmp_path):
+@pytest.mark.parametrize("fault, who", [("shard-disk-full", "process 1: "),
+                                        ("disk-full", "")])
+def test_a_checkpoint_that_one_process_cannot_write_is_one_line_and_keeps_the_last(
+        tiny_model, corpus, tmp_path, fault, who):
+    """Process 1's shards, or the master's training_state.pt (the others still write their
+    shards: a collective, which must not leave them waiting), hit a full disk."""
     out = tmp_path / "out"
     args = run_args(tiny_model, corpus, out, 16, "--max_steps", "4", "--save_every_steps", "2",
                     "--fsdp")
-    result = torchrun(["shard-disk-full", "4", "--", *args], script="tests/interrupt.py")
+    result = torchrun([fault, "4", "--", *args], script="tests/interrupt.py", timeout=150)
     assert result.returncode != 0
     assert error_lines(result.stderr) == [
-        f"error: could not write {out / 'checkpoint-4'} (process 1: [Errno 28] No space left "
+        f"error: could not write {out / 'checkpoint-4'} ({who}[Errno 28] No space left "
         f"on device); {out / 'checkpoint-2'} is intact. Free some space, then run the same "
         f"command with --resume latest"], result.stderr
     assert [p.name for p in runtime.rundir.checkpoints(out)] == ["checkpoint-2"]
