@@ -178,3 +178,43 @@ def test_load_once_reports_each_process_peak_memory(tiny_model, mode):
     lines = result.stdout.strip().splitlines()[-2:]
     assert [line.split(":")[0] for line in lines] == ["process 0", "process 1"]
     assert all(re.fullmatch(r"process \d: peak RSS \d+ MiB", line) for line in lines)
+
+
+CLIP_CHECK = """
+import sys
+sys.path.insert(0, {root!r})
+import torch
+from model import load_tokenizer
+from runtime.sharding import FsdpBackend
+backend = FsdpBackend("cpu", "fp32")
+model = backend.load_model({model!r}, load_tokenizer({model!r}))
+backend.distribute(model)
+ids = torch.arange(2, 18).view(2, 8)[backend.rank:backend.rank + 1]  # a row each
+model(input_ids=ids, labels=ids).loss.backward()  # FSDP averages the two rows' gradients
+norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3).full_tensor()  # all gather
+grads = {{name: p.grad.full_tensor() for name, p in model.named_parameters()}}
+if backend.is_master:
+    torch.save({{"norm": norm, "grads": grads}}, {out!r})
+backend.close()
+"""
+
+
+def test_clip_grad_norm_takes_the_norm_over_every_process_shards(dropout_free_model, tmp_path):  # noqa: F811,E501
+    """torch.nn.utils.clip_grad_norm_, as train_step calls it, on FSDP's sharded gradients:
+    the norm of the whole gradient (not of one process's shards), and every shard scaled by
+    it, as one process holding both rows computes."""
+    script, out = tmp_path / "clip_check.py", tmp_path / "clipped.pt"
+    script.write_text(CLIP_CHECK.format(root=str(ROOT), model=str(dropout_free_model),
+                                        out=str(out)))
+    result = subprocess.run(torchrun_command([], str(script)), capture_output=True, text=True,
+                            timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    sharded = torch.load(out)
+    model = AutoModelForCausalLM.from_pretrained(dropout_free_model)
+    ids = torch.arange(2, 18).view(2, 8)
+    losses = [model(input_ids=ids[i:i + 1], labels=ids[i:i + 1]).loss for i in (0, 1)]
+    (sum(losses) / 2).backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+    assert sharded["norm"] == pytest.approx(norm.item(), rel=1e-5)
+    for name, p in model.named_parameters():
+        assert torch.allclose(sharded["grads"][name], p.grad, atol=1e-9), name
