@@ -235,6 +235,8 @@ def from_pretrained(cls, name, flag):
 
 def not_found_hint(name):
     """What to do about a model that did not load, fitting what the user already set."""
+    if (Path(name) / "shards").is_dir():  # runtime/sharding.py's SHARDS
+        return "a checkpoint saved under --fsdp holds its weights in shards: resume with --fsdp"
     if Path(name).is_dir():
         return "the directory needs config.json, model weights and tokenizer.json"
     if constants.HF_HUB_OFFLINE:

@@ -66,6 +66,10 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the forward pass and the loss together (CUDA and CPU, "
                         "with a C++ compiler; refused on XLA, which compiles every step anyway)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard parameters, gradients and optimizer state over the run's "
+                        "processes (FSDP2; start it with torchrun): a model too large for one "
+                        "device trains, at the cost of more communication per step")
     p.add_argument("--no_packing", action="store_true",
                    help="pad each batch's reviews to a rectangle instead of packing them end "
                         "to end in fewer rows (the same training either way; packing skips "

@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 import data
 import sched
 from data import DataConfig
-from model import (WITHOUT_LOGITS, check_loadable, load_model, load_tokenizer, model_inputs,
-                   output_layer_at, packs_reviews, splits_off_output_layer)
+from model import (WITHOUT_LOGITS, check_loadable, load_tokenizer, model_inputs, output_layer_at,
+                   packs_reviews, splits_off_output_layer)
 from options import check_args, parse_args
 from runtime.backends import choose_device
 from runtime.checkpoint import (CheckpointConfig, content_digests, export_best, restore,
@@ -136,6 +136,7 @@ class TrainConfig:
     seed: int
     precision: str
     compile: bool
+    fsdp: bool
     no_packing: bool
     report_to: str
     data: DataConfig
@@ -155,8 +156,7 @@ def train(backend, cfg):
     batches_per_epoch, steps_per_epoch = data.replica_steps(
         len(train_features), cfg.data.batch_size, backend.world_size, cfg.grad_accum_steps)
     total_steps = planned_steps(steps_per_epoch, cfg.epochs, cfg.max_steps, backend.is_master)
-    model = load_model(str(checkpoint or cfg.pretrained_model_name), tokenizer,
-                       device=backend.device).train()
+    model = backend.load_model(str(checkpoint or cfg.pretrained_model_name), tokenizer).train()
     data.record_polarity_words(model.config, train_features)
     packed = not cfg.no_packing and packs_reviews(model)
     train_batches, train_loader, val_loader = data.loaders(

@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from model import cpu_copy
+from model import cpu_copy, cpu_state_dict, load_model
 from options import check_launch_variables, started_by_torchrun, xla_accelerator
 from runtime.errors import InputError, ReplicaLost, first_line
 from runtime.hardware import fast_bf16, keep_freed_memory
@@ -75,6 +75,7 @@ class Backend:
     world_size = 1
     rank = 0
     fixed_shapes = False  # batches may be cut to their longest example
+    shards_model = False  # each replica holds the whole model (runtime/sharding.py: not so)
 
     def __init__(self, kind, precision):
         self.device = torch.device(kind)
@@ -112,6 +113,13 @@ class Backend:
                                  f"a C++ compiler (g++, or name yours in CXX) or leave out "
                                  f"--compile") from None
         return run
+
+    def load_model(self, name, tokenizer):
+        return load_model(name, tokenizer, device=self.device)
+
+    def full_state_dict(self, model):
+        """The whole model's weights on the CPU, on the master (None elsewhere)."""
+        return cpu_state_dict(model) if self.is_master else None
 
     def distribute(self, model):
         """The model that the loss's forward and backward run through: here the model itself
@@ -197,7 +205,8 @@ class Backend:
             torch.cuda.set_rng_state(state["cuda"])
 
     def generation_model(self, model):
-        """The model that `generate` samples from (in eval mode): this one."""
+        """The model that `generate` samples from (in eval mode), on the master; every
+        replica calls it. Here the model itself."""
         return model
 
 
@@ -284,7 +293,7 @@ class XlaBackend(Backend):
 
     def generation_model(self, model):
         """A copy on the CPU: `generate` on XLA compiles a graph for almost every token."""
-        return cpu_copy(model)
+        return cpu_copy(model) if self.is_master else None
 
 
 JOIN_TIMEOUT = datetime.timedelta(seconds=60)  # from the first process's arrival to the last's

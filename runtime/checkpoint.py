@@ -23,7 +23,7 @@ import torch
 from transformers import AutoConfig
 
 from corpus.features import tokenizer_fingerprint
-from model import cpu_state_dict, from_pretrained, load_tokenizer, save_pretrained
+from model import from_pretrained, load_tokenizer, save_pretrained
 from runtime.errors import CheckpointError, InputError, NonFiniteLoss, add_file_bytes, first_line
 from runtime.progress import Progress
 from runtime.rundir import (WRITE_ERRORS, continues_here, drop_later_checkpoints,
@@ -47,7 +47,7 @@ class CheckpointConfig:
 # are compared by content (SHA-256), so their folders may move.
 FIXED_ON_RESUME = ["model", "max_seq_length", "batch_size", "grad_accum_steps",
                    "seed", "epochs", "max_steps", "warmup_ratio", "warmup_steps", "world_size",
-                   "corpus", "group_by_length"]
+                   "corpus", "group_by_length", "fsdp"]
 # Applied from the resumed step on, in place of the values the optimizer saved.
 APPLIED_ON_RESUME = ["learning_rate", "weight_decay"]
 NOT_COMPARED = ["resume", "debug", "cpu_workers", "compile", "cache_dir", "overwrite_output_dir",
@@ -66,19 +66,30 @@ def save_checkpoint(cfg, backend, progress, model, tokenizer, optimizer, schedul
     in its barrier forever)."""
     out = Path(cfg.downstream_model_dir)
     backend.sync()
-    check_finite_weights(model, progress.step)
+    check_finite_weights(backend, model, progress.step)
     final, tmp = out / f"checkpoint-{progress.step}", out / f"checkpoint-{progress.step}.tmp"
+    sharded = backend.shards_model  # the weights and the optimizer's state: each its shards
 
     def write_model_and_state():
         shutil.rmtree(tmp, ignore_errors=True)
-        save_pretrained(model, tokenizer, tmp, cpu_state_dict(model))
-        torch.save(training_state(progress, optimizer, scheduler, settings),
+        if sharded:  # config and tokenizer: what finds and checks the model on resume
+            model.config.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        else:  # (full_state_dict gathers nothing here: the master alone may call it)
+            save_pretrained(model, tokenizer, tmp, backend.full_state_dict(model))
+        torch.save(training_state(progress, None if sharded else optimizer, scheduler, settings),
                    tmp / "training_state.pt")
+
+    def write_replica_part():
+        if sharded:
+            backend.save_shards(model, optimizer, tmp)
+        torch.save(backend.rng_state(), tmp / f"rng_state_{backend.rank}.pt")
 
     error = write_or_error(write_model_and_state) if backend.is_master else None
     backend.barrier("checkpoint-started")  # the folder exists before the replicas write in it
-    error = error or write_or_error(
-        lambda: torch.save(backend.rng_state(), tmp / f"rng_state_{backend.rank}.pt"))
+    # Every replica, even after the master's failure: writing shards is a collective.
+    part_error = write_or_error(write_replica_part)
+    error = error or part_error
     if backend.any_replica(error is not None):
         if backend.is_master:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -96,11 +107,13 @@ def save_checkpoint(cfg, backend, progress, model, tokenizer, optimizer, schedul
 
 
 def training_state(progress, optimizer, scheduler, settings):
-    """Everything but the weights and the random state that a resumed run needs."""
-    return {"progress": asdict(progress),
-            "optimizer": to_cpu(optimizer.state_dict()),
-            "scheduler": scheduler.state_dict(),
-            "settings": settings}
+    """Everything but the weights and the random state that a resumed run needs (and but
+    the optimizer's state, None when sharded)."""
+    state = {"progress": asdict(progress), "scheduler": scheduler.state_dict(),
+             "settings": settings}
+    if optimizer is not None:
+        state["optimizer"] = to_cpu(optimizer.state_dict())
+    return state
 
 
 def write_or_error(write):
@@ -112,11 +125,15 @@ def write_or_error(write):
     return None
 
 
-def check_finite_weights(model, step):
+def check_finite_weights(backend, model, step):
     """A non-finite loss is caught when it is reported; weights that overflowed without
     one (an infinite learning rate) are caught here, before anything is written. One host
-    read for all the parameters."""
-    if not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
+    read for all the parameters; sharded, each replica reads its shards and all agree."""
+    finite = torch.stack([torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()
+                          for p in model.parameters()]).all()
+    if backend.shards_model:
+        finite = not backend.any_replica(not finite)
+    if not finite:
         raise NonFiniteLoss(f"the weights became non-finite at step {step} (is the learning "
                             f"rate too high?); nothing was saved for this step")
 
@@ -143,13 +160,14 @@ def export_best(out, backend, model, tokenizer, step):
     (rundir.move_model_into): a kill at any moment leaves the previous model or this one,
     whole, or no config.json and so no model at all."""
     out, tmp = Path(out), Path(out) / ".best.tmp"
-    check_finite_weights(model, step)  # every replica: the weights are the same on each
+    check_finite_weights(backend, model, step)  # every replica
+    state = backend.full_state_dict(model)  # every replica: sharded, each sends its shards
 
     def write():
         try:
             with saving(out / "the best model", previous=out):
                 shutil.rmtree(tmp, ignore_errors=True)
-                save_pretrained(model, tokenizer, tmp, cpu_state_dict(model))
+                save_pretrained(model, tokenizer, tmp, state)
                 move_model_into(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -164,11 +182,19 @@ def check_resume_args(saved, current, warn=True):
     `saved` and `current`: the checkpoint's settings and this run's, flag by flag, with what
     the flags leave to the machine (world_size, corpus, precision)."""
     fixed = FIXED_ON_RESUME
+    saved = {"fsdp": False, **saved}  # saved before --fsdp existed
     if "model" not in saved:  # saved before 2026-12: the model is known by its name alone
         saved, fixed = {**saved, "model": current["model"]}, fixed + ["pretrained_model_name"]
     changed = [k for k in current if k not in NOT_COMPARED and saved.get(k) != current[k]]
+    if saved["fsdp"] and current.get("fsdp") and saved.get("world_size") != current["world_size"]:
+        changed = [k for k in changed if k not in ("world_size", "batch_size")]
+        check_resharding(saved, current, warn)
     fatal = [k for k in changed if k in fixed]
     world_size = current["world_size"]
+    if "fsdp" in fatal:
+        was = "with" if saved["fsdp"] else "without"
+        raise InputError(f"--resume: the checkpoint was saved {was} --fsdp; resume it {was} "
+                         f"--fsdp, or start a new --downstream_model_dir")
     if "model" in fatal:
         raise InputError(f"--resume: --pretrained_model_name {current['pretrained_model_name']} "
                          f"is not the model the checkpoint was trained from "
@@ -193,6 +219,29 @@ def check_resume_args(saved, current, warn=True):
         applied = " (applied from the resumed step on)" if k in APPLIED_ON_RESUME else ""
         print(f"warning: --resume: --{k} changed from {saved.get(k)!r} to {current[k]!r}"
               f"{applied}", file=sys.stderr)
+
+
+def check_resharding(saved, current, warn):
+    """A sharded checkpoint resumes on another number of processes when the global batch
+    stays the same: DistributedSampler then deals each step the very examples it dealt
+    before (global batch k is examples k*G to (k+1)*G-1 of the epoch's shuffle, however G
+    is split), so the epoch continues where it stood. Refused otherwise, in one line."""
+    before, now = saved["world_size"], current["world_size"]
+    batch = saved["batch_size"] * before
+    if current["batch_size"] * now != batch:
+        fix = (f"use --batch_size {batch // now} to keep it" if batch % now == 0 else
+               f"resume on a number of processes that divides {batch}")
+        raise InputError(f"--resume: the checkpoint was trained with a global batch of {batch} "
+                         f"examples (--batch_size {saved['batch_size']} on each of {before} "
+                         f"processes) and this run has {current['batch_size']} x {now}; {fix}")
+    if current.get("group_by_length"):
+        raise InputError(f"--resume: --group_by_length groups each process's share of the data "
+                         f"by length, so this run's {now} would train on other batches than "
+                         f"the checkpoint's {before} processes; resume on {before} processes")
+    if warn:
+        print(f"warning: --resume: the checkpoint was trained on {before} processes and this "
+              f"run has {now}: resharded, with the same global batch of {batch}, it continues "
+              f"the run, no longer bit for bit", file=sys.stderr)
 
 
 def content_digests(files, name, tokenizer):
@@ -248,12 +297,19 @@ def restore(path, cfg, backend, optimizer, scheduler, settings):
     # Every replica checks (they must all refuse together); the master alone warns.
     saved = state["settings"] if "settings" in state else state["args"]  # before 2026-12
     check_resume_args(saved, settings, warn=backend.is_master)
-    optimizer.load_state_dict(state["optimizer"])
+    if "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+    else:  # sharded: the model's shards too (train.py loaded only its config)
+        backend.load_shards(backend.model, optimizer, path)
     scheduler.load_state_dict(state["scheduler"])
     apply_hyperparameters(optimizer, scheduler, settings["learning_rate"],
                           settings["weight_decay"])
-    backend.set_rng_state(torch.load(path / f"rng_state_{backend.rank}.pt", weights_only=True))
     progress = Progress(**state["progress"])
+    rng_state = path / f"rng_state_{backend.rank}.pt"
+    if rng_state.is_file():
+        backend.set_rng_state(torch.load(rng_state, weights_only=True))
+    else:  # resharded onto more processes than saved: a stream of its own (seed, rank, step)
+        torch.manual_seed(settings["seed"] + 1_000_003 * backend.rank + progress.step)
     if not continues_here(str(path), cfg.downstream_model_dir):
         progress.best_val_loss = math.inf  # a new folder: its first evaluation exports
     master_writes(backend, lambda: drop_later_checkpoints(cfg.downstream_model_dir,

@@ -16,6 +16,7 @@ from options import started_by_torchrun
 from runtime.agreement import check_same_run
 from runtime.backends import Backend, TorchrunBackend, XlaBackend, first_on_host
 from runtime.errors import InputError, ReplicaLost
+from runtime.sharding import FsdpBackend
 from runtime.signals import STOP_SIGNALS, Interrupted, StopSignal
 
 
@@ -23,11 +24,15 @@ def run_process(train, prepare, cfg, kind, agreed=()):
     """Run `train` in this process: alone, or as one of those torchrun starts. `prepare(cfg)`
     is the work done once on each host before training (see train.py's)."""
     if not started_by_torchrun():
+        if cfg.fsdp:
+            raise InputError("--fsdp shards the model over the processes of a run: start it "
+                             "with torchrun (torchrun --nproc_per_node N train.py --fsdp ...), "
+                             "or leave --fsdp out")
         prepare(cfg)
         StopSignal.install()
         return train(Backend(kind, cfg.precision), cfg)
     stop_with_launcher()
-    backend = TorchrunBackend(kind, cfg.precision)  # every process joins, or all stop
+    backend = (FsdpBackend if cfg.fsdp else TorchrunBackend)(kind, cfg.precision)  # all join
     try:
         prepare_on_each_host(backend, prepare, cfg, agreed)
         check_same_run(backend, cfg.settings, cfg.data.files())
@@ -96,6 +101,10 @@ def spawn_replicas(train, prepare, cfg, one_core=False, agreed=()):
     """Run `train(XlaBackend, cfg)` on every XLA device (one, with `one_core`), after
     `prepare(cfg)` here, once for the host."""
     import torch_xla.distributed.xla_multiprocessing as xmp
+    if cfg.fsdp:
+        raise InputError("--fsdp is not available on XLA in this version; leave --fsdp out "
+                         "(each replica then holds the whole model), or run on CPUs or GPUs "
+                         "under torchrun")
     prepare(cfg)
     # Ctrl-C reaches every replica from the terminal; a SIGTERM or SIGHUP sent to this
     # process alone (a preempted TPU VM, `kill`, the end of an SSH session it leads) is

@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 
 from runtime.backends import first_on_host
 from runtime.errors import CheckpointError, InputError, first_line
+from runtime.sharding import SHARDS, check_shards, is_sharded
 
 # What a failed write raises: OSError for most, RuntimeError from torch.save on a full disk
 # ("PytorchStreamWriter failed writing file"), SafetensorError from the safetensors writer.
@@ -115,15 +116,20 @@ def damage(path):
     """Why the checkpoint folder `path` cannot be resumed from, or None when every file
     loads. A kill or a full disk can leave files that exist but are cut short."""
     path = Path(path)
+    sharded = is_sharded(path)  # its weights in shards/ (--fsdp), not in model.safetensors
     for name in CHECKPOINT_FILES:
-        if not (path / name).is_file():
+        if not (path / name).is_file() and not (sharded and name == "model.safetensors"):
             return f"{name} is missing"
     try:
         name = "config.json"
         json.loads((path / name).read_text(encoding="utf-8"))
-        name = "model.safetensors"
-        with safe_open(path / name, "pt"):  # checks the header against the file's size
-            pass
+        if sharded:
+            name = SHARDS
+            check_shards(path / name)
+        else:
+            name = "model.safetensors"
+            with safe_open(path / name, "pt"):  # checks the header against the file's size
+                pass
         for name in ["training_state.pt"] + sorted(p.name for p in path.glob("rng_state_*.pt")):
             state = torch.load(path / name, weights_only=True)
             if not isinstance(state, dict):

@@ -7,6 +7,7 @@ FAULT is one of
   sigterm        SIGTERM at the same point (the run should save and exit)
   kill-in-save   SIGKILL while checkpoint-STEP is being written
   disk-full      the write of checkpoint-STEP fails with ENOSPC
+  shard-disk-full  under --fsdp, process 1's shards of checkpoint-STEP fail with ENOSPC
   nan            the loss of step STEP is NaN
   fail-replica   replica 1 alone raises an error in step STEP (XLA, 2 or more replicas)
   sigterm-in-eval    SIGTERM as evaluation number STEP starts (1: the one before training)
@@ -102,6 +103,15 @@ def install_fault():
         runtime.checkpoint.training_state = at_step(
             runtime.checkpoint.training_state, step, no_space, saving
         )
+    elif fault == "shard-disk-full":  # process 1 alone cannot write its shards (--fsdp)
+        from torch.distributed.checkpoint import FileSystemWriter
+        real_write = FileSystemWriter.write_data
+
+        def write_data(writer, *args):
+            if os.environ.get("RANK") == "1" and f"checkpoint-{step}.tmp" in str(writer.path):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real_write(writer, *args)
+        FileSystemWriter.write_data = write_data
     elif fault in ("sigterm-in-eval", "two-signals-in-eval"):
         signals = (
             [signal.SIGTERM] if fault == "sigterm-in-eval" else [signal.SIGINT, signal.SIGTERM]

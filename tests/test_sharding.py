@@ -1,0 +1,107 @@
+"""--fsdp's checks that need no processes: where it is refused, what a sharded checkpoint
+may resume with, and how a damaged one is found (the runs are in tests/test_fsdp.py)."""
+import json
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+import runtime.rundir
+import train
+from runtime.checkpoint import check_resume_args
+from runtime.errors import InputError
+
+
+def last_error(capsys):
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_fsdp_without_torchrun_is_one_line(train_args, capsys):
+    assert train.main(train_args + ["--fsdp"]) == 1
+    assert last_error(capsys) == (
+        "error: --fsdp shards the model over the processes of a run: start it with torchrun "
+        "(torchrun --nproc_per_node N train.py --fsdp ...), or leave --fsdp out")
+
+
+def test_fsdp_on_xla_is_one_line(train_args, capsys):
+    assert train.main(train_args + ["--fsdp", "--device", "xla"]) == 1
+    assert last_error(capsys) == (
+        "error: --fsdp is not available on XLA in this version; leave --fsdp out (each "
+        "replica then holds the whole model), or run on CPUs or GPUs under torchrun")
+
+
+SAVED = {"model": "m", "corpus": "c", "batch_size": 16, "world_size": 2, "fsdp": True,
+         "group_by_length": False, "seed": 7}
+
+
+def resumed(**changes):
+    return {**SAVED, **changes}
+
+
+def test_a_sharded_checkpoint_resumes_on_other_processes_with_the_same_global_batch(capsys):
+    check_resume_args(SAVED, resumed(world_size=1, batch_size=32))
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "warning: --resume: the checkpoint was trained on 2 processes and this run has 1: "
+        "resharded, with the same global batch of 32, it continues the run, no longer bit "
+        "for bit"]
+    check_resume_args(SAVED, resumed(world_size=4, batch_size=8))
+    assert "on 2 processes and this run has 4" in capsys.readouterr().err
+    check_resume_args(SAVED, resumed())
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("current, message", [
+    (resumed(world_size=1), "--resume: the checkpoint was trained with a global batch of 32 "
+     "examples (--batch_size 16 on each of 2 processes) and this run has 16 x 1; use "
+     "--batch_size 32 to keep it"),
+    (resumed(world_size=3, batch_size=10), "--resume: the checkpoint was trained with a global "
+     "batch of 32 examples (--batch_size 16 on each of 2 processes) and this run has 10 x 3; "
+     "resume on a number of processes that divides 32"),
+    (resumed(world_size=1, batch_size=32, group_by_length=True), "--resume: --group_by_length "
+     "groups each process's share of the data by length, so this run's 1 would train on other "
+     "batches than the checkpoint's 2 processes; resume on 2 processes"),
+    (resumed(fsdp=False), "--resume: the checkpoint was saved with --fsdp; resume it with "
+     "--fsdp, or start a new --downstream_model_dir"),
+    (resumed(fsdp=False, world_size=1, batch_size=32), "--resume: the checkpoint was saved with "
+     "--fsdp; resume it with --fsdp"),
+    (resumed(batch_size=8), "--resume: --batch_size is 8 but the checkpoint was trained with "
+     "16"),
+])
+def test_what_a_sharded_checkpoint_refuses(current, message):
+    with pytest.raises(InputError) as refused:
+        check_resume_args(SAVED, current, warn=False)
+    assert str(refused.value).startswith(message)
+
+
+def test_an_unsharded_checkpoint_refuses_fsdp_and_other_processes():
+    unsharded = {k: v for k, v in SAVED.items() if k != "fsdp"}  # saved before --fsdp
+    with pytest.raises(InputError, match="saved without --fsdp; resume it without --fsdp"):
+        check_resume_args(unsharded, resumed(), warn=False)
+    with pytest.raises(InputError, match="trained on 2 replicas and this run has 1"):
+        check_resume_args(unsharded, resumed(fsdp=False, world_size=1, batch_size=32), False)
+
+
+def sharded_checkpoint(folder):
+    """What save_checkpoint writes under --fsdp, written by this process alone."""
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    (folder / "tokenizer.json").write_text("{}")
+    torch.save({"progress": {"step": 4}}, folder / "training_state.pt")
+    torch.save({"cpu": torch.get_rng_state()}, folder / "rng_state_0.pt")
+    with pytest.warns(UserWarning):  # no process group: torch.distributed.checkpoint says so
+        dcp.save({"model": {"w": torch.ones(1000)}}, checkpoint_id=folder / "shards")
+    return folder
+
+
+def test_a_sharded_checkpoint_is_complete_and_one_cut_short_is_skipped(tmp_path, capsys):
+    checkpoint = sharded_checkpoint(tmp_path / "checkpoint-4")
+    assert runtime.rundir.damage(checkpoint) is None
+    assert runtime.rundir.latest_checkpoint(tmp_path) == checkpoint
+    shard = next((checkpoint / "shards").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    assert runtime.rundir.damage(checkpoint).startswith(
+        f"shards does not load ({shard.name} holds 100 bytes of ")
+    assert runtime.rundir.latest_checkpoint(tmp_path) is None
+    assert f"skipping {checkpoint}: shards does not load" in capsys.readouterr().err
+    (checkpoint / "shards" / ".metadata").unlink()  # a save cut before its index
+    assert runtime.rundir.damage(checkpoint).startswith("shards does not load")
