@@ -66,6 +66,10 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the forward pass and the loss together (CUDA and CPU, "
                         "with a C++ compiler; refused on XLA, which compiles every step anyway)")
+    p.add_argument("--activation_checkpointing", action="store_true",
+                   help="keep only each transformer block's input and recompute the rest in "
+                        "the backward: less memory (most of the activations), a second "
+                        "forward's compute; the same gradients, on every device")
     p.add_argument("--no_packing", action="store_true",
                    help="pad each batch's reviews to a rectangle instead of packing them end "
                         "to end in fewer rows (the same training either way; packing skips "

@@ -18,6 +18,7 @@ import torch
 
 from model import cpu_copy
 from options import check_launch_variables, started_by_torchrun, xla_accelerator
+from runtime.activations import checkpoint_blocks
 from runtime.errors import InputError, ReplicaLost, first_line
 from runtime.hardware import fast_bf16, keep_freed_memory
 from runtime.signals import StopRequested, StopSignal
@@ -76,9 +77,10 @@ class Backend:
     rank = 0
     fixed_shapes = False  # batches may be cut to their longest example
 
-    def __init__(self, kind, precision):
+    def __init__(self, kind, precision, activation_checkpointing=False):
         self.device = torch.device(kind)
         self.precision = precision or ("bf16" if fast_bf16(kind) else "fp32")
+        self.activation_checkpointing = activation_checkpointing
         if kind == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores
             torch.backends.cudnn.allow_tf32 = True
@@ -116,6 +118,12 @@ class Backend:
     def distribute(self, model):
         """The model that the loss's forward and backward run through: here the model itself
         (TorchrunBackend wraps it). Evaluation and saving use `model`, unwrapped."""
+        return self.checkpoint_activations(model)
+
+    def checkpoint_activations(self, model):
+        """--activation_checkpointing, set on the model before any wrapper goes around it."""
+        if self.activation_checkpointing:
+            checkpoint_blocks(model, xla=self.device.type == "xla")
         return model
 
     def gradient_sync(self, model, sync):
@@ -206,7 +214,7 @@ class XlaBackend(Backend):
     of one process (two per process on TPU v2/v3 hosts, all of them on XLA:CPU)."""
     fixed_shapes = True  # few shapes, each compiled once
 
-    def __init__(self, precision):
+    def __init__(self, precision, activation_checkpointing=False):
         import torch_xla
         import torch_xla.core.xla_model as xm
         import torch_xla.distributed.parallel_loader as pl
@@ -219,6 +227,7 @@ class XlaBackend(Backend):
         if precision is None:
             precision = "bf16" if self.hardware == "TPU" else "fp32"
         self.precision = precision
+        self.activation_checkpointing = activation_checkpointing
 
     def describe(self):
         return f"xla ({self.hardware}, {self.world_size} replicas), {self.precision}"
@@ -296,14 +305,14 @@ class TorchrunBackend(Backend):
     (gloo), on one host or many. Every process runs the whole script; RANK, LOCAL_RANK and
     WORLD_SIZE in its environment say which it is."""
 
-    def __init__(self, kind, precision):
+    def __init__(self, kind, precision, activation_checkpointing=False):
         import torch.distributed as dist
         self.dist = dist
         self.rank, self.world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ["LOCAL_RANK"])
         if kind == "cuda":
             torch.cuda.set_device(local_rank)  # before NCCL starts: its GPU is this one
-        super().__init__(kind, precision)
+        super().__init__(kind, precision, activation_checkpointing)
         self.device = torch.device(kind, local_rank if kind == "cuda" else None)
         # Gradients and losses live on the GPU and go through NCCL; flags and barrier
         # payloads are CPU tensors and go through gloo, so agreeing on a stop never waits
@@ -346,6 +355,7 @@ class TorchrunBackend(Backend):
         # buckets while the backward still computes the earlier layers', which hides most of
         # the communication on GPUs, and averages them over the processes, as train_step
         # expects. Buffers are not broadcast: GPT-2's are constants.
+        self.checkpoint_activations(model)
         from torch.nn.parallel import DistributedDataParallel
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)

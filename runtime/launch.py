@@ -25,9 +25,9 @@ def run_process(train, prepare, cfg, kind, agreed=()):
     if not started_by_torchrun():
         prepare(cfg)
         StopSignal.install()
-        return train(Backend(kind, cfg.precision), cfg)
+        return train(Backend(kind, cfg.precision, recomputes(cfg)), cfg)
     stop_with_launcher()
-    backend = TorchrunBackend(kind, cfg.precision)  # every process joins, or all stop
+    backend = TorchrunBackend(kind, cfg.precision, recomputes(cfg))  # all join, or all stop
     try:
         prepare_on_each_host(backend, prepare, cfg, agreed)
         check_same_run(backend, cfg.settings, cfg.data.files())
@@ -52,6 +52,12 @@ def run_process(train, prepare, cfg, kind, agreed=()):
     # Not after other errors: they may have reached one process alone, and torchrun ends
     # the others, which may be waiting for it.
     backend.close()
+
+
+def recomputes(cfg):
+    """--activation_checkpointing, for the backend: read from the run's flags, since the loop
+    itself (TrainConfig) has no use for it."""
+    return cfg.settings["activation_checkpointing"]
 
 
 def prepare_on_each_host(backend, prepare, cfg, agreed):
@@ -173,7 +179,7 @@ class Replica:
     def __call__(self, index, cfg):
         if threading.current_thread() is threading.main_thread():
             StopSignal.install()  # nprocs=1: this replica runs in the launcher itself
-        backend = XlaBackend(cfg.precision)
+        backend = XlaBackend(cfg.precision, recomputes(cfg))
         try:
             check_same_run(backend, cfg.settings, cfg.data.files())
             self.train(backend, cfg)
