@@ -3,15 +3,16 @@
 
     python benchmarks/activation_memory.py --device cpu --batch_size 8 --seq_length 128
 
-Each setting trains in a fresh process of its own (so that its peak is its own): the backend,
-optimizer, schedule and step that train.py uses, on rows of random token ids, every row
-full (as packed rows nearly are), dropout on. --warmup_steps untimed steps, then --steps
-timed ones; ms/step is the median over every process's timed steps. Memory: on the CPU the
-process's peak resident memory (train.py's allocator settings, which keep what a step
-frees), on a GPU the peak that CUDA's allocator handed out; "above start" subtracts what the
-process held just before its first step (the weights, on the device, and everything loaded),
-leaving the step's own: gradients, AdamW's moments (made in the first step) and activations.
-With --rounds, the largest peaks of the processes.
+Each setting trains in a fresh process of its own (so that its peaks are its own): the
+backend, optimizer, schedule and step that train.py uses, on rows of random token ids, every
+row full (as packed rows nearly are), dropout on. --warmup_steps untimed steps, then --steps
+timed ones (ms/step: the median over every process's timed steps), then one step more for
+memory alone. "process peak": the process's peak over the timed steps (on the CPU its
+resident memory, with train.py's allocator settings, which keep what a step frees; on a GPU
+what CUDA's allocator handed out): the weights, AdamW's moments and the step's own.
+"step peak": the most that the last step held at once beyond what it started with, its
+activations, gradients and temporaries (see `step_peak_mib`). With --rounds, the largest
+peaks of the processes.
 """
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ import os  # noqa: E402
 os.environ.setdefault("USE_TORCH_XLA", "0")
 
 import argparse  # noqa: E402
+import ctypes  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
@@ -82,15 +84,37 @@ def current_rss_mib():
     return int(next(line.split()[1] for line in status if line.startswith("VmRSS:"))) / 2**10
 
 
-def memory_mib(device):
-    """What the process holds now and at its peak so far, in MiB."""
+def process_peak_mib(device):
     if device.type == "cuda":
-        return torch.cuda.memory_allocated() / 2**20, torch.cuda.max_memory_allocated() / 2**20
-    return current_rss_mib(), peak_rss_mib()
+        return torch.cuda.max_memory_allocated() / 2**20
+    return peak_rss_mib()
+
+
+def step_peak_mib(device, run_step):
+    """The most memory that one step held at once beyond what it started with: its
+    activations, gradients and temporaries. On the CPU glibc is first told to hand every
+    block over 128 KiB back to the system as soon as it is freed (train.py has it keep them),
+    and Linux to restart the peak from the present, so that the process's peak resident
+    memory follows what the step's tensors hold."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        run_step()
+        return (torch.cuda.max_memory_allocated() - start) / 2**20
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    libc.mallopt(m_mmap_threshold, 2**17)
+    libc.mallopt(m_trim_threshold, 2**17)
+    libc.malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux 4.0 on)
+    start = current_rss_mib()
+    run_step()
+    return peak_rss_mib() - start
 
 
 def one_setting(args, recompute):
-    """Train --warmup_steps + --steps steps as train.py does; memory and step times."""
+    """Train --warmup_steps + --steps steps as train.py does, then one step more whose memory
+    alone is measured; returns the timed steps' seconds and the peaks."""
     from transformers import GPT2Config, GPT2LMHeadModel
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -101,22 +125,24 @@ def one_setting(args, recompute):
     splits_off_output_layer(model)  # as load_model does, before the first step
     replica = backend.distribute(model)
     optimizer = backend.optimizer(train.param_groups(model, 0.0), 5e-5)
-    total = args.warmup_steps + args.steps
+    total = args.warmup_steps + args.steps + 1
     scheduler = sched.linear_warmup_decay(optimizer, 0, total)
     ids = torch.randint(7, config.vocab_size, (args.batch_size, args.seq_length))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids,
              "target_positions": F.pad(ids[:, 1:] > 0, (0, 1)).flatten().nonzero()[:, 0]}
     batch = {k: v.to(backend.device) for k, v in batch.items()}
-    synchronize(backend.device)
-    start, _ = memory_mib(backend.device)
-    times = []
-    for step in range(total):
-        began = time.perf_counter()
+
+    def run_step(step):
         train.train_step(replica, optimizer, scheduler, [batch], backend, step, 1.0)
         synchronize(backend.device)
+    times = []
+    for step in range(total - 1):
+        began = time.perf_counter()
+        run_step(step)
         times.append(time.perf_counter() - began)
-    _, peak = memory_mib(backend.device)
-    return {"peak": peak, "above start": peak - start,
+    peak = process_peak_mib(backend.device)
+    return {"process peak": peak, "step peak": step_peak_mib(backend.device,
+                                                             lambda: run_step(total - 1)),
             "timed": times[args.warmup_steps:],
             "device": backend.describe(), "params": sum(p.numel() for p in model.parameters())}
 
@@ -134,8 +160,8 @@ def measure(args):
             runs[name].append(in_own_process(one_setting, args, recompute))
     return {name: {**results[0],
                    "ms/step": 1000 * statistics.median(t for r in results for t in r["timed"]),
-                   "peak": max(r["peak"] for r in results),
-                   "above start": max(r["above start"] for r in results)}
+                   "process peak": max(r["process peak"] for r in results),
+                   "step peak": max(r["step peak"] for r in results)}
             for name, results in runs.items()}
 
 
@@ -146,7 +172,7 @@ def print_report(rows, args):
           f"{args.seq_length} tokens, {args.rounds} process(es) per setting, each "
           f"{args.warmup_steps} untimed + {args.steps} timed steps; "
           f"memory: {'CUDA allocated' if args.device == 'cuda' else 'process RSS'}")
-    columns = ["peak", "above start", "ms/step"]
+    columns = ["process peak", "step peak", "ms/step"]
     print(f"{'':28}" + "".join(f"{c + (' MiB' if c != 'ms/step' else ''):>18}" for c in columns))
     for name, row in rows.items():
         print(f"{name:28}" + "".join(f"{row[c]:18,.1f}" for c in columns))

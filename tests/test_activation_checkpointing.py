@@ -14,13 +14,15 @@ import pytest
 import torch
 
 import data
-from conftest import ROOT
+from conftest import ROOT, read_metrics
+import runtime.backends
 import runtime.checkpoint
 import train
 from corpus import features as corpus_features
 from corpus import read as corpus_read
 from model import load_model, load_tokenizer, unwrapped
 from options import parse_args
+from runtime.activations import checkpoint_blocks
 from runtime.backends import Backend, TorchrunBackend
 from runtime.errors import InputError
 from runtime.launch import Replica, run_process
@@ -154,6 +156,29 @@ def torchrun_variables():
         port = probe.getsockname()[1]
     return {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port)}
+
+
+@pytest.mark.slow
+def test_train_py_with_the_flag_trains_what_it_trains_without(train_args, tmp_path,
+                                                              monkeypatch):
+    """The whole run, dropout on: its evaluations (generation included), checkpoints and the
+    best model's export, with the same losses at every step."""
+    applied = []
+
+    def spy(model, xla=False):
+        applied.append(xla)
+        checkpoint_blocks(model, xla)
+    monkeypatch.setattr(runtime.backends, "checkpoint_blocks", spy)
+    for name, flag in (("without", []), ("with", ["--activation_checkpointing"])):
+        assert train.main([*train_args, "--downstream_model_dir", str(tmp_path / name),
+                           "--max_steps", "3", "--precision", "fp32", *flag]) == 0
+    assert applied == [False]
+    ours, theirs = read_metrics(tmp_path / "with"), read_metrics(tmp_path / "without")
+    assert [(e["event"], e["step"]) for e in ours] == [(e["event"], e["step"]) for e in theirs]
+    for a, b in zip(ours, theirs):
+        for key in ("loss", "val_loss", "polarity_accuracy"):
+            assert a.get(key) == pytest.approx(b.get(key), abs=1e-6), (a, b)
+    assert (tmp_path / "with" / "model.safetensors").is_file()
 
 
 def test_a_resume_does_not_compare_it():
