@@ -70,6 +70,10 @@ def parse_args(argv=None):
                    help="shard parameters, gradients and optimizer state over the run's "
                         "processes (FSDP2; start it with torchrun): a model too large for one "
                         "device trains, at the cost of more communication per step")
+    p.add_argument("--activation_checkpointing", action="store_true",
+                   help="keep only each transformer block's input and recompute the rest in "
+                        "the backward: less memory (most of the activations), a second "
+                        "forward's compute; the same gradients, on every device")
     p.add_argument("--no_packing", action="store_true",
                    help="pad each batch's reviews to a rectangle instead of packing them end "
                         "to end in fewer rows (the same training either way; packing skips "

@@ -2,15 +2,14 @@
 which one it is on. `Backend` is the CPU or one CUDA GPU in one process; `XlaBackend`
 overrides what differs when the same loop runs on every core of a TPU host, one replica per
 core through `xmp.spawn` (the replicas then all-reduce gradients and losses, meet at
-barriers and agree on when to stop); `TorchrunBackend` does the same for the processes that
-`torchrun` starts, one per GPU (or several on a CPU), on one host or many. launch.py starts
-them.
+barriers and agree on when to stop); torchrun.py's `TorchrunBackend` does the same for the
+processes that `torchrun` starts, and sharding.py's `FsdpBackend` shards the model over
+them. launch.py starts them all.
 
-A CPU/GPU-only copy of the loop can drop `XlaBackend`; a single-process one
-`TorchrunBackend` too.
+A CPU/GPU-only copy of the loop can drop `XlaBackend`; a single-process one torchrun.py and
+sharding.py too.
 """
 import contextlib
-import datetime
 import importlib.util
 import os
 
@@ -18,7 +17,8 @@ import torch
 
 from model import cpu_copy, cpu_state_dict, load_model
 from options import check_launch_variables, started_by_torchrun, xla_accelerator
-from runtime.errors import InputError, ReplicaLost, first_line
+from runtime.activations import checkpoint_blocks
+from runtime.errors import InputError, first_line
 from runtime.hardware import fast_bf16, keep_freed_memory
 from runtime.signals import StopRequested, StopSignal
 
@@ -77,9 +77,10 @@ class Backend:
     fixed_shapes = False  # batches may be cut to their longest example
     shards_model = False  # each replica holds the whole model (runtime/sharding.py: not so)
 
-    def __init__(self, kind, precision):
+    def __init__(self, kind, precision, activation_checkpointing=False):
         self.device = torch.device(kind)
         self.precision = precision or ("bf16" if fast_bf16(kind) else "fp32")
+        self.activation_checkpointing = activation_checkpointing
         if kind == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores
             torch.backends.cudnn.allow_tf32 = True
@@ -124,6 +125,12 @@ class Backend:
     def distribute(self, model):
         """The model that the loss's forward and backward run through: here the model itself
         (TorchrunBackend wraps it). Evaluation and saving use `model`, unwrapped."""
+        return self.checkpoint_activations(model)
+
+    def checkpoint_activations(self, model):
+        """--activation_checkpointing, set on the model before any wrapper goes around it."""
+        if self.activation_checkpointing:
+            checkpoint_blocks(model, xla=self.device.type == "xla")
         return model
 
     def gradient_sync(self, model, sync):
@@ -215,7 +222,7 @@ class XlaBackend(Backend):
     of one process (two per process on TPU v2/v3 hosts, all of them on XLA:CPU)."""
     fixed_shapes = True  # few shapes, each compiled once
 
-    def __init__(self, precision):
+    def __init__(self, precision, activation_checkpointing=False):
         import torch_xla
         import torch_xla.core.xla_model as xm
         import torch_xla.distributed.parallel_loader as pl
@@ -228,6 +235,7 @@ class XlaBackend(Backend):
         if precision is None:
             precision = "bf16" if self.hardware == "TPU" else "fp32"
         self.precision = precision
+        self.activation_checkpointing = activation_checkpointing
 
     def describe(self):
         return f"xla ({self.hardware}, {self.world_size} replicas), {self.precision}"
@@ -294,103 +302,3 @@ class XlaBackend(Backend):
     def generation_model(self, model):
         """A copy on the CPU: `generate` on XLA compiles a graph for almost every token."""
         return cpu_copy(model) if self.is_master else None
-
-
-JOIN_TIMEOUT = datetime.timedelta(seconds=60)  # from the first process's arrival to the last's
-SAYS_WHY = "it says why in its own output, or its torchrun does"
-
-
-class TorchrunBackend(Backend):
-    """One of the processes that `torchrun` starts: one per GPU (NCCL), or several on a CPU
-    (gloo), on one host or many. Every process runs the whole script; RANK, LOCAL_RANK and
-    WORLD_SIZE in its environment say which it is."""
-
-    def __init__(self, kind, precision):
-        import torch.distributed as dist
-        self.dist = dist
-        self.rank, self.world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local_rank = int(os.environ["LOCAL_RANK"])
-        if kind == "cuda":
-            torch.cuda.set_device(local_rank)  # before NCCL starts: its GPU is this one
-        super().__init__(kind, precision)
-        self.device = torch.device(kind, local_rank if kind == "cuda" else None)
-        # Gradients and losses live on the GPU and go through NCCL; flags and barrier
-        # payloads are CPU tensors and go through gloo, so agreeing on a stop never waits
-        # for the GPU's queue.
-        self.join("cpu:gloo,cuda:nccl" if kind == "cuda" else "gloo")
-        # Every process takes the first one's precision: hosts with and without AMX would
-        # otherwise differ.
-        self.precision = self.barrier("started", self.precision)[0]
-
-    def join(self, group):
-        """Meet the others within JOIN_TIMEOUT, not torch's 30 minutes: torchrun starts them
-        all at once, so one missing by then has failed (and says why). Once all are here,
-        one that ends closes its connections, and the others' next collective fails at
-        once; the default timeout then lets a long save keep the others waiting."""
-        try:
-            self.dist.init_process_group(group, timeout=JOIN_TIMEOUT)
-        except self.dist.DistError as e:
-            raise ReplicaLost(f"not all {self.world_size} processes of the run started within "
-                              f"{JOIN_TIMEOUT.seconds} s ({first_line(e)}); {SAYS_WHY}") from None
-        c10d = self.dist.distributed_c10d
-        c10d._set_pg_timeout(c10d._get_default_timeout(self.dist.Backend(group)))
-
-    @contextlib.contextmanager
-    def collective(self, what):
-        """A failed collective, as one line: another process has ended or is unreachable."""
-        try:
-            yield
-        except RuntimeError as e:  # gloo's and the store's errors (DistError is one too)
-            raise ReplicaLost(f"another process of the run ended or cannot be reached ({what}: "
-                              f"{first_line(e)}); {SAYS_WHY}") from None
-
-    def describe(self):
-        name = torch.cuda.get_device_name() if self.device.type == "cuda" else "CPU"
-        group = "NCCL" if self.device.type == "cuda" else "gloo"
-        return (f"{self.device.type} ({name}), torchrun: {self.world_size} processes over "
-                f"{group}, {self.precision}")
-
-    def distribute(self, model):
-        # DDP rather than one all-reduce after the backward: it all-reduces the gradients in
-        # buckets while the backward still computes the earlier layers', which hides most of
-        # the communication on GPUs, and averages them over the processes, as train_step
-        # expects. Buffers are not broadcast: GPT-2's are constants.
-        from torch.nn.parallel import DistributedDataParallel
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
-
-    def gradient_sync(self, model, sync):
-        # DDP reads the flag in the forward: no_sync() there leaves that backward's gradients
-        # in place, to be summed with the next micro-batch's.
-        return contextlib.nullcontext() if sync else model.no_sync()
-
-    def reduce_gradients(self, optimizer):
-        pass  # DDP averaged them in the backward (gradient_sync)
-
-    def all_reduce_sum(self, tensor):
-        tensor = tensor.clone()  # all_reduce works in place
-        with self.collective("a sum"):
-            self.dist.all_reduce(tensor)
-        return tensor
-
-    def any_replica(self, flag):
-        flag = torch.tensor([float(flag)])  # on the CPU: gloo, no wait for the GPU
-        with self.collective("agreeing on a flag"):
-            self.dist.all_reduce(flag, op=self.dist.ReduceOp.MAX)
-        return flag.item() > 0
-
-    def barrier(self, name, payload=b""):
-        payloads = [None] * self.world_size
-        with self.collective(f"barrier {name!r}"):
-            self.dist.all_gather_object(payloads, payload)
-        return payloads
-
-    def seed_step(self, step):
-        """From the first step on, each process draws dropout masks of its own, as one
-        device does for the rows of one batch; a resumed run restores each process's
-        generator instead (rng_state_<rank>.pt)."""
-        if step == 0:
-            torch.manual_seed(self.base_seed + 1_000_003 * self.rank)
-
-    def close(self):
-        self.dist.destroy_process_group()

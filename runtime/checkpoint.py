@@ -51,7 +51,8 @@ FIXED_ON_RESUME = ["model", "max_seq_length", "batch_size", "grad_accum_steps",
 # Applied from the resumed step on, in place of the values the optimizer saved.
 APPLIED_ON_RESUME = ["learning_rate", "weight_decay"]
 NOT_COMPARED = ["resume", "debug", "cpu_workers", "compile", "cache_dir", "overwrite_output_dir",
-                "downstream_model_dir", "downstream_corpus_root_dir"]
+                "downstream_model_dir", "downstream_corpus_root_dir",
+                "activation_checkpointing"]  # the same steps, in less memory
 
 
 # --------------------------------------------------------------------------- saving

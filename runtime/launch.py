@@ -14,9 +14,10 @@ from concurrent.futures.process import BrokenProcessPool
 
 from options import started_by_torchrun
 from runtime.agreement import check_same_run
-from runtime.backends import Backend, TorchrunBackend, XlaBackend, first_on_host
+from runtime.backends import Backend, XlaBackend, first_on_host
 from runtime.errors import InputError, ReplicaLost
 from runtime.sharding import FsdpBackend
+from runtime.torchrun import TorchrunBackend
 from runtime.signals import STOP_SIGNALS, Interrupted, StopSignal
 
 
@@ -30,9 +31,10 @@ def run_process(train, prepare, cfg, kind, agreed=()):
                              "or leave --fsdp out")
         prepare(cfg)
         StopSignal.install()
-        return train(Backend(kind, cfg.precision), cfg)
+        return train(Backend(kind, cfg.precision, recomputes(cfg)), cfg)
     stop_with_launcher()
-    backend = (FsdpBackend if cfg.fsdp else TorchrunBackend)(kind, cfg.precision)  # all join
+    joined = FsdpBackend if cfg.fsdp else TorchrunBackend
+    backend = joined(kind, cfg.precision, recomputes(cfg))  # every process joins, or all stop
     try:
         prepare_on_each_host(backend, prepare, cfg, agreed)
         check_same_run(backend, cfg.settings, cfg.data.files())
@@ -57,6 +59,12 @@ def run_process(train, prepare, cfg, kind, agreed=()):
     # Not after other errors: they may have reached one process alone, and torchrun ends
     # the others, which may be waiting for it.
     backend.close()
+
+
+def recomputes(cfg):
+    """--activation_checkpointing, for the backend: read from the run's flags, since the loop
+    itself (TrainConfig) has no use for it."""
+    return cfg.settings["activation_checkpointing"]
 
 
 def prepare_on_each_host(backend, prepare, cfg, agreed):
@@ -182,7 +190,7 @@ class Replica:
     def __call__(self, index, cfg):
         if threading.current_thread() is threading.main_thread():
             StopSignal.install()  # nprocs=1: this replica runs in the launcher itself
-        backend = XlaBackend(cfg.precision)
+        backend = XlaBackend(cfg.precision, recomputes(cfg))
         try:
             check_same_run(backend, cfg.settings, cfg.data.files())
             self.train(backend, cfg)

@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.integrations.accelerate import init_empty_weights
 
 from model import LOADING, from_pretrained, load_model, packs_reviews, splits_off_output_layer
-from runtime.backends import TorchrunBackend
+from runtime.torchrun import TorchrunBackend
 from runtime.errors import InputError, first_line
 
 SHARDS = "shards"  # the folder of a checkpoint that torch.distributed.checkpoint writes
@@ -58,8 +58,8 @@ class FsdpBackend(TorchrunBackend):
     gradients, so each process updates its own shard only."""
     shards_model = True
 
-    def __init__(self, kind, precision):
-        super().__init__(kind, precision)
+    def __init__(self, kind, precision, activation_checkpointing=False):
+        super().__init__(kind, precision, activation_checkpointing)
         self.weights = None     # the master's whole model, from load_model to distribute
         self.resuming = False   # from a sharded checkpoint: load_shards fills the weights
         self.model_class = None
@@ -104,6 +104,7 @@ class FsdpBackend(TorchrunBackend):
         holds the embeddings, the final norm and the output layer. Under bf16, the gathered
         weights and the activations are bf16, the master weights and the reduced gradients
         fp32."""
+        self.checkpoint_activations(model)  # inside each block, so before it is sharded
         mesh = init_device_mesh(self.device.type, (self.world_size,))
         policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
                   if self.precision == "bf16" else MixedPrecisionPolicy())

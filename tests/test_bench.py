@@ -33,3 +33,16 @@ def test_benchmark_prints_data_timings_and_every_loop(tiny_model, corpus):
     assert "rows of 32 positions per batch on average" in packed
     share = [int(re.search(r"(\d+)% of them real tokens", line)[1]) for line in (packed, padded)]
     assert share[0] > share[1]  # packing: more of what the transformer runs on is real
+
+
+def test_activation_memory_benchmark_prints_both_settings_and_their_ratio():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "activation_memory.py"), "--model_shape",
+         "tiny", "--device", "cpu", "--batch_size", "2", "--seq_length", "16", "--steps", "1"],
+        cwd=ROOT, env=os.environ, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "process peak MiB" in lines[1] and "step peak MiB" in lines[1]
+    assert "ms/step" in lines[1]
+    assert [line.split()[0] for line in lines[2:]] == [
+        "without", "--activation_checkpointing", "with/without"]

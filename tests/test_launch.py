@@ -14,9 +14,10 @@ import time
 import pytest
 
 import runtime.backends
+import runtime.torchrun
 import train
 from runtime.agreement import check_same_run, first_difference, run_description
-from runtime.backends import TorchrunBackend
+from runtime.torchrun import TorchrunBackend
 from runtime.errors import InputError, ReplicaLost
 from runtime.signals import STOP_SIGNALS, Interrupted, StopSignal, silence_hung_up_terminal
 
@@ -94,7 +95,7 @@ def test_a_process_the_others_wait_for_in_vain_stops_them_within_the_join_timeou
         monkeypatch):
     """Process 1 of 2 never starts: process 0 stops after JOIN_TIMEOUT with one line, not
     after torch's 30 minutes."""
-    monkeypatch.setattr(runtime.backends, "JOIN_TIMEOUT", datetime.timedelta(seconds=2))
+    monkeypatch.setattr(runtime.torchrun, "JOIN_TIMEOUT", datetime.timedelta(seconds=2))
     for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2",
                         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}.items():
         monkeypatch.setenv(name, value)

@@ -7,8 +7,8 @@ from conftest import ROOT
 # Lower layers first: a module may import its own layer and the ones before it.
 LAYERS = [("errors", ["runtime/errors.py", "runtime/signals.py", "options.py", "sched.py"]),
           ("data and model", ["corpus/read.py", "corpus/features.py", "data.py", "model.py"]),
-          ("runtime", ["runtime/hardware.py", "runtime/backends.py", "runtime/sharding.py",
-                       "runtime/agreement.py",
+          ("runtime", ["runtime/hardware.py", "runtime/activations.py", "runtime/backends.py",
+                       "runtime/torchrun.py", "runtime/sharding.py", "runtime/agreement.py",
                        "runtime/launch.py",
                        "runtime/progress.py", "runtime/rundir.py", "runtime/checkpoint.py",
                        "runtime/reporting.py", "runtime/start_up.py"]),

@@ -48,6 +48,7 @@ BENCH = "benchmarks/bench_train.py"
 CONTROL = "benchmarks/polarity_control.py"
 XLA = "benchmarks/xla_replicas.py"
 TORCHRUN = "benchmarks/torchrun_replicas.py"
+MEMORY = "benchmarks/activation_memory.py"
 PLOT = "docs/plot_metrics.py"
 FIXTURES = "tests/fixtures.py"
 CUDA = "--device cuda: no CUDA GPU is visible"
@@ -108,6 +109,10 @@ CASES = [
     (TORCHRUN, ["--processes", "-2"], "--global_batch 32 does not split over [-2] processes"),
     (TORCHRUN, ["--repeats", "0"], "--repeats must be 1 or more"),
     (TORCHRUN, ["--timeout", "-1"], "--timeout must be a finite number above 0"),
+    (MEMORY, ["--steps", "0"], "--steps must be 1 or more"),
+    (MEMORY, ["--model_shape", "tiny", "--seq_length", "129"],
+     "--seq_length 129 is longer than the 128 positions of --model_shape tiny"),
+    pytest.param(MEMORY, ["--device", "cuda"], CUDA, marks=NO_CUDA),
     # docs/plot_metrics.py: empty, cut and missing logs, an output it cannot write
     (PLOT, ["{empty}", "{tmp}/out.svg"], "no training or validation loss to draw yet"),
     (PLOT, ["{tmp}/cut-first.jsonl", "{tmp}/out.svg"], "no training or validation loss"),
