@@ -49,6 +49,7 @@ CONTROL = "benchmarks/polarity_control.py"
 XLA = "benchmarks/xla_replicas.py"
 TORCHRUN = "benchmarks/torchrun_replicas.py"
 MEMORY = "benchmarks/activation_memory.py"
+SHARDING = "benchmarks/sharding.py"
 PLOT = "docs/plot_metrics.py"
 FIXTURES = "tests/fixtures.py"
 CUDA = "--device cuda: no CUDA GPU is visible"
@@ -113,6 +114,10 @@ CASES = [
     (MEMORY, ["--model_shape", "tiny", "--seq_length", "129"],
      "--seq_length 129 is longer than the 128 positions of --model_shape tiny"),
     pytest.param(MEMORY, ["--device", "cuda"], CUDA, marks=NO_CUDA),
+    (SHARDING, ["--processes", "0"], "--processes must be 1 or more"),
+    (SHARDING, ["--max_steps", "1"], "--max_steps must be 2 or more (tokens/s is read after"),
+    (SHARDING, ["--memory_cap_gib", "0"], "--memory_cap_gib must be a finite number above 0"),
+    (SHARDING, ["--shapes", "huge"], "argument --shapes: invalid choice"),
     # docs/plot_metrics.py: empty, cut and missing logs, an output it cannot write
     (PLOT, ["{empty}", "{tmp}/out.svg"], "no training or validation loss to draw yet"),
     (PLOT, ["{tmp}/cut-first.jsonl", "{tmp}/out.svg"], "no training or validation loss"),
