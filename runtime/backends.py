@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from model import cpu_copy
+from model import cpu_copy, cpu_state_dict
 from options import check_launch_variables, started_by_torchrun, xla_accelerator
 from runtime.errors import InputError, ReplicaLost, first_line
 from runtime.hardware import fast_bf16, keep_freed_memory
@@ -75,6 +75,7 @@ class Backend:
     world_size = 1
     rank = 0
     fixed_shapes = False  # batches may be cut to their longest example
+    shards_model = False  # every replica holds the whole model (--fsdp: a shard of it)
 
     def __init__(self, kind, precision):
         self.device = torch.device(kind)
@@ -127,6 +128,14 @@ class Backend:
         # Fused: one kernel updates every parameter, on the GPU and on the CPU alike; the
         # default per-parameter loop makes the CPU's optimizer step about 4x slower.
         return torch.optim.AdamW(param_groups, lr=lr, fused=True)
+
+    def clip_gradients(self, model, max_norm):
+        """At most `max_norm` for the norm of all of `model`'s gradients (DDP's, FSDP2's)."""
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+    def full_state_dict(self, model):
+        """The whole model's weights on the CPU, on the master (None elsewhere)."""
+        return cpu_state_dict(model) if self.is_master else None
 
     def feed(self, loader):
         """Batches on the device; pinned host memory lets the copy overlap compute."""
@@ -197,7 +206,8 @@ class Backend:
             torch.cuda.set_rng_state(state["cuda"])
 
     def generation_model(self, model):
-        """The model that `generate` samples from (in eval mode): this one."""
+        """The model that `generate` samples from (in eval mode): this one. Every replica
+        calls it."""
         return model
 
 
@@ -205,6 +215,7 @@ class XlaBackend(Backend):
     """PyTorch/XLA: one replica per TPU chip (or core). Replicas are processes, or threads
     of one process (two per process on TPU v2/v3 hosts, all of them on XLA:CPU)."""
     fixed_shapes = True  # few shapes, each compiled once
+    pin_layout = True  # of the all-reduces: one graph may not mix pinned and unpinned ones
 
     def __init__(self, precision):
         import torch_xla
@@ -236,7 +247,7 @@ class XlaBackend(Backend):
     pin_memory = False
 
     def all_reduce_sum(self, tensor):
-        return self.xm.all_reduce(self.xm.REDUCE_SUM, tensor)
+        return self.xm.all_reduce(self.xm.REDUCE_SUM, tensor, pin_layout=self.pin_layout)
 
     def reduce_gradients(self, optimizer):
         # xm.optimizer_step would reduce and step in one call; reducing first lets the
@@ -249,7 +260,7 @@ class XlaBackend(Backend):
         # One element, not a 0-d scalar: torch_xla bakes 0-d values into the graph, and
         # replicas holding different flags would then compile different graphs.
         flag = torch.tensor([float(flag)], device=self.device)
-        return self.xm.all_reduce(self.xm.REDUCE_MAX, flag).item() > 0
+        return self.xm.all_reduce(self.xm.REDUCE_MAX, flag, pin_layout=self.pin_layout).item() > 0
 
     def on_host(self, fn, *args):
         self.xm.add_step_closure(fn, args)
@@ -283,8 +294,9 @@ class XlaBackend(Backend):
             self.xm.set_rng_state(state["xla"], self.device)
 
     def generation_model(self, model):
-        """A copy on the CPU: `generate` on XLA compiles a graph for almost every token."""
-        return cpu_copy(model)
+        """A copy on the CPU, on the master (None elsewhere): `generate` on XLA compiles a
+        graph for almost every token."""
+        return cpu_copy(model) if self.is_master else None
 
 
 JOIN_TIMEOUT = datetime.timedelta(seconds=60)  # from the first process's arrival to the last's

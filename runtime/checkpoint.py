@@ -47,7 +47,7 @@ class CheckpointConfig:
 # are compared by content (SHA-256), so their folders may move.
 FIXED_ON_RESUME = ["model", "max_seq_length", "batch_size", "grad_accum_steps",
                    "seed", "epochs", "max_steps", "warmup_ratio", "warmup_steps", "world_size",
-                   "corpus", "group_by_length"]
+                   "corpus", "group_by_length", "fsdp"]
 # Applied from the resumed step on, in place of the values the optimizer saved.
 APPLIED_ON_RESUME = ["learning_rate", "weight_decay"]
 NOT_COMPARED = ["resume", "debug", "cpu_workers", "compile", "cache_dir", "overwrite_output_dir",
@@ -71,14 +71,22 @@ def save_checkpoint(cfg, backend, progress, model, tokenizer, optimizer, schedul
 
     def write_model_and_state():
         shutil.rmtree(tmp, ignore_errors=True)
-        save_pretrained(model, tokenizer, tmp, cpu_state_dict(model))
-        torch.save(training_state(progress, optimizer, scheduler, settings),
-                   tmp / "training_state.pt")
+        if backend.shards_model:  # the config and tokenizer alone: each replica its shard
+            model.config.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        else:
+            save_pretrained(model, tokenizer, tmp, cpu_state_dict(model))
+        torch.save(training_state(progress, None if backend.shards_model else optimizer,
+                                  scheduler, settings), tmp / "training_state.pt")
+
+    def write_replica_state():
+        torch.save(backend.rng_state(), tmp / f"rng_state_{backend.rank}.pt")
+        if backend.shards_model:
+            backend.save_shards(model, optimizer, tmp)
 
     error = write_or_error(write_model_and_state) if backend.is_master else None
     backend.barrier("checkpoint-started")  # the folder exists before the replicas write in it
-    error = error or write_or_error(
-        lambda: torch.save(backend.rng_state(), tmp / f"rng_state_{backend.rank}.pt"))
+    error = error or write_or_error(write_replica_state)
     if backend.any_replica(error is not None):
         if backend.is_master:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -98,7 +106,7 @@ def save_checkpoint(cfg, backend, progress, model, tokenizer, optimizer, schedul
 def training_state(progress, optimizer, scheduler, settings):
     """Everything but the weights and the random state that a resumed run needs."""
     return {"progress": asdict(progress),
-            "optimizer": to_cpu(optimizer.state_dict()),
+            "optimizer": None if optimizer is None else to_cpu(optimizer.state_dict()),
             "scheduler": scheduler.state_dict(),
             "settings": settings}
 
@@ -144,12 +152,13 @@ def export_best(out, backend, model, tokenizer, step):
     whole, or no config.json and so no model at all."""
     out, tmp = Path(out), Path(out) / ".best.tmp"
     check_finite_weights(model, step)  # every replica: the weights are the same on each
+    state = backend.full_state_dict(model)  # --fsdp: every replica gathers, the master keeps
 
     def write():
         try:
             with saving(out / "the best model", previous=out):
                 shutil.rmtree(tmp, ignore_errors=True)
-                save_pretrained(model, tokenizer, tmp, cpu_state_dict(model))
+                save_pretrained(model, tokenizer, tmp, state)
                 move_model_into(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -248,7 +257,10 @@ def restore(path, cfg, backend, optimizer, scheduler, settings):
     # Every replica checks (they must all refuse together); the master alone warns.
     saved = state["settings"] if "settings" in state else state["args"]  # before 2026-12
     check_resume_args(saved, settings, warn=backend.is_master)
-    optimizer.load_state_dict(state["optimizer"])
+    if backend.shards_model:
+        backend.load_shards(None, optimizer, path)  # the backend holds the model it sharded
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     apply_hyperparameters(optimizer, scheduler, settings["learning_rate"],
                           settings["weight_decay"])

@@ -16,6 +16,7 @@ from options import started_by_torchrun
 from runtime.agreement import check_same_run
 from runtime.backends import Backend, TorchrunBackend, XlaBackend, first_on_host
 from runtime.errors import InputError, ReplicaLost
+from runtime.sharding import XlaFsdpBackend
 from runtime.signals import STOP_SIGNALS, Interrupted, StopSignal
 
 
@@ -173,7 +174,7 @@ class Replica:
     def __call__(self, index, cfg):
         if threading.current_thread() is threading.main_thread():
             StopSignal.install()  # nprocs=1: this replica runs in the launcher itself
-        backend = XlaBackend(cfg.precision)
+        backend = (XlaFsdpBackend if cfg.settings.get("fsdp") else XlaBackend)(cfg.precision)
         try:
             check_same_run(backend, cfg.settings, cfg.data.files())
             self.train(backend, cfg)

@@ -76,8 +76,9 @@ class NsmcTask:
             result["polarity_accuracy"] = polarity_accuracy(
                 model, self.tokenizer, self.val_features, backend, self.cfg.batch_size,
                 self.cfg.polarity_eval_size, self.cfg.cpu_workers)
+        generation_model = backend.generation_model(model)  # --fsdp: every replica gathers
         if backend.is_master:
-            result.update(self.written_reviews(backend.generation_model(model), final))
+            result.update(self.written_reviews(generation_model, final))
         return result
 
     def written_reviews(self, model, final):

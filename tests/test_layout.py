@@ -10,7 +10,8 @@ LAYERS = [("errors", ["runtime/errors.py", "runtime/signals.py", "options.py", "
           ("runtime", ["runtime/hardware.py", "runtime/backends.py", "runtime/agreement.py",
                        "runtime/launch.py",
                        "runtime/progress.py", "runtime/rundir.py", "runtime/checkpoint.py",
-                       "runtime/reporting.py", "runtime/start_up.py"]),
+                       "runtime/reporting.py", "runtime/start_up.py",
+                       "runtime/sharding.py"]),
           ("task", ["task/__init__.py", "task/generation.py", "task/polarity.py",
                     "task/judge.py", "task/nsmc.py"]),
           ("the loop and the command lines", ["train.py", "generate.py"])]
