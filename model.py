@@ -68,7 +68,11 @@ def load_model(name, tokenizer, flag="--pretrained_model_name", device=None):
     """The causal LM `name`, checked to cover every id the tokenizer can produce, on
     `device` when one is given."""
     with LOADING:
-        model = from_pretrained(AutoModelForCausalLM, name, flag)
+        if any(Path(name).glob("shard_*_of_*.pt")):  # rundir.SHARDS: a sharded checkpoint
+            # The weights are in the shards, loaded once the model is sharded (restore).
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name)).eval()
+        else:
+            model = from_pretrained(AutoModelForCausalLM, name, flag)
         if sees_the_future(model):
             raise InputError(f"{flag} {name}: this {model.config.model_type} model sees the "
                              f"tokens after each position, so it would learn to copy the next "

@@ -31,6 +31,7 @@ WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "training_state.pt",
                     "rng_state_0.pt")
+SHARDS = "shard_*_of_*.pt"  # each replica's, in place of model.safetensors, under XLA's --fsdp
 
 
 BEST_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors",
@@ -115,16 +116,19 @@ def damage(path):
     """Why the checkpoint folder `path` cannot be resumed from, or None when every file
     loads. A kill or a full disk can leave files that exist but are cut short."""
     path = Path(path)
+    shards = sorted(p.name for p in path.glob(SHARDS))  # --fsdp: no model.safetensors
     for name in CHECKPOINT_FILES:
-        if not (path / name).is_file():
+        if not (path / name).is_file() and not (shards and name == "model.safetensors"):
             return f"{name} is missing"
     try:
         name = "config.json"
         json.loads((path / name).read_text(encoding="utf-8"))
-        name = "model.safetensors"
-        with safe_open(path / name, "pt"):  # checks the header against the file's size
-            pass
-        for name in ["training_state.pt"] + sorted(p.name for p in path.glob("rng_state_*.pt")):
+        if not shards:
+            name = "model.safetensors"
+            with safe_open(path / name, "pt"):  # checks the header against the file's size
+                pass
+        for name in ["training_state.pt", *shards,
+                     *sorted(p.name for p in path.glob("rng_state_*.pt"))]:
             state = torch.load(path / name, weights_only=True)
             if not isinstance(state, dict):
                 raise ValueError(f"holds a {type(state).__name__}, not a dict")

@@ -12,6 +12,7 @@ from model import LOADING
 from runtime.backends import XlaBackend
 from runtime.checkpoint import to_cpu
 from runtime.errors import CheckpointError
+from runtime.rundir import SHARDS
 
 
 class XlaFsdpBackend(XlaBackend):
@@ -98,7 +99,7 @@ class XlaFsdpBackend(XlaBackend):
             return unsharded_class.from_pretrained(None, config=model.config, state_dict=state)
 
     def shard_file(self, folder):
-        return folder / f"shard_{self.rank}_of_{self.world_size}.pt"
+        return folder / SHARDS.replace("*", str(self.rank), 1).replace("*", str(self.world_size))
 
     def save_shards(self, model, optimizer, folder):
         """This replica's shard of the model and of the optimizer's state, and the shard

@@ -5,9 +5,11 @@ import json
 
 import pytest
 from conftest import read_metrics, run_train
-from test_replicas import (assert_same_weights, dropout_free_model, one_replica,  # noqa: F401
-                           replica_args)
+from test_replicas import (assert_same_run, assert_same_weights,  # noqa: F401
+                           dropout_free_model, one_replica, replica_args)
 from transformers import AutoModelForCausalLM
+
+import runtime.rundir
 
 pytestmark = pytest.mark.slow  # every test here runs train.py as a process
 
@@ -38,3 +40,33 @@ def test_sharded_replicas_train_what_one_replica_with_an_n_fold_batch_trains(
     # Each replica wrote its own shard of the model and of the optimizer's state.
     assert sorted(p.name for p in (out / "checkpoint-4").glob("shard_*.pt")) == [
         f"shard_{rank}_of_{replicas}.pt" for rank in range(replicas)]
+
+
+def test_kill_9_then_resume_continues_a_sharded_run_exactly_and_only_on_as_many_replicas(
+        tiny_model, corpus, tmp_path):
+    """Dropout on. The checkpoint holds each replica's shard of the weights and of AdamW's
+    state; resumed from it, the run ends with the weights of an uninterrupted one."""
+    run = ["--max_steps", "12", "--save_every_steps", "4", "--log_every", "2", "--fsdp"]
+    reference = tmp_path / "reference"
+    result = run_train(replica_args(tiny_model, corpus, reference, 2, *run), replicas=2)
+    assert result.returncode == 0, result.stderr
+
+    out = tmp_path / "out"
+    args = replica_args(tiny_model, corpus, out, 2, *run)
+    killed = run_train(["sigkill", "6", "--", *args], replicas=2, script="tests/interrupt.py")
+    assert " killed by SIGKILL); nothing after the last checkpoint was saved" in killed.stderr
+    saved = runtime.rundir.latest_checkpoint(out)
+    assert saved.name == "checkpoint-4"
+    assert sorted(p.name for p in saved.glob("shard_*.pt")) == ["shard_0_of_2.pt",
+                                                                "shard_1_of_2.pt"]
+    assert not (saved / "model.safetensors").exists()
+
+    resumed = run_train(args + ["--resume", "latest"], replicas=2)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(out, reference)
+
+    other = replica_args(tiny_model, corpus, out, 4, *run)
+    refused = run_train(other + ["--resume", "latest"], replicas=4)
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines()[-1].startswith(
+        "error: --resume: the checkpoint was trained on 2 replicas and this run has 4; ")
