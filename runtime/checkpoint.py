@@ -173,6 +173,7 @@ def check_resume_args(saved, current, warn=True):
     `saved` and `current`: the checkpoint's settings and this run's, flag by flag, with what
     the flags leave to the machine (world_size, corpus, precision)."""
     fixed = FIXED_ON_RESUME
+    saved = {"fsdp": False, **saved}  # saved before --fsdp existed: whole weights
     if "model" not in saved:  # saved before 2026-12: the model is known by its name alone
         saved, fixed = {**saved, "model": current["model"]}, fixed + ["pretrained_model_name"]
     changed = [k for k in current if k not in NOT_COMPARED and saved.get(k) != current[k]]
