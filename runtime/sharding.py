@@ -11,7 +11,7 @@ import torch
 from model import LOADING
 from runtime.backends import XlaBackend
 from runtime.checkpoint import to_cpu
-from runtime.errors import CheckpointError
+from runtime.errors import CheckpointError, InputError
 from runtime.rundir import SHARDS
 
 
@@ -57,6 +57,19 @@ class XlaFsdpBackend(XlaBackend):
             [{"params": [p for p in shards if len(p._orig_size) >= 2], "weight_decay": decay},
              {"params": [p for p in shards if len(p._orig_size) < 2], "weight_decay": 0.0}],
             lr)
+
+    def feed(self, loader):
+        """Every forward gathers the weights with the other replicas: a replica with a batch
+        more than another would wait for it forever. Training's are the same in number;
+        an evaluation's shares differ by an example when the examples do not divide."""
+        counts = [int(c) for c in self.barrier("batches", str(len(loader)).encode())]
+        if len(set(counts)) > 1:
+            raise InputError(f"--fsdp: the replicas' shares of an evaluation have "
+                             f"{min(counts)} to {max(counts)} batches, and each must run as "
+                             f"many as the others; use an --eval_size and "
+                             f"--polarity_eval_size that {self.world_size} x --batch_size "
+                             f"divides")
+        return super().feed(loader)
 
     def reduce_gradients(self, optimizer):
         pass  # the backward reduce-scattered them: each replica holds its shard of the mean

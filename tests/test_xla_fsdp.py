@@ -70,3 +70,17 @@ def test_kill_9_then_resume_continues_a_sharded_run_exactly_and_only_on_as_many_
     assert refused.returncode == 1
     assert refused.stderr.strip().splitlines()[-1].startswith(
         "error: --resume: the checkpoint was trained on 2 replicas and this run has 4; ")
+
+
+def test_evaluation_shares_of_unequal_batch_counts_are_refused_in_one_line(
+        tiny_model, corpus, tmp_path):
+    """33 reviews over 2 replicas of 16: 2 batches on one, 1 on the other, whose forward
+    would wait for the first's second all-gather forever."""
+    args = replica_args(tiny_model, corpus, tmp_path / "out", 2, "--max_steps", "2",
+                        "--fsdp", "--eval_size", "33")
+    result = run_train(args, replicas=2, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --fsdp: the replicas' shares of an evaluation have 1 to 2 batches, and each "
+        "must run as many as the others; use an --eval_size and --polarity_eval_size that "
+        "2 x --batch_size divides")
