@@ -87,7 +87,7 @@ class XlaFsdpBackend(XlaBackend):
         for prefix, unit in self.root.named_modules():
             if not isinstance(unit, FSDP):
                 continue
-            gathered = [(p, self.xm.all_gather(p.detach(), pin_layout=False))  # unpadded
+            gathered = [(p, self.xm.all_gather(p.detach(), pin_layout=self.pin_layout))
                         for p in unit.sharded_params]
             self.sync()
             for shard, full in gathered:
