@@ -68,7 +68,11 @@ def load_model(name, tokenizer, flag="--pretrained_model_name", device=None):
     """The causal LM `name`, checked to cover every id the tokenizer can produce, on
     `device` when one is given."""
     with LOADING:
-        model = from_pretrained(AutoModelForCausalLM, name, flag)
+        if (Path(name) / "shards").is_dir():  # runtime/sharding.py's SHARDS: --fsdp on XLA
+            # The weights are in the shards, loaded once the model is sharded (restore).
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name)).eval()
+        else:
+            model = from_pretrained(AutoModelForCausalLM, name, flag)
         if sees_the_future(model):
             raise InputError(f"{flag} {name}: this {model.config.model_type} model sees the "
                              f"tokens after each position, so it would learn to copy the next "
@@ -282,6 +286,17 @@ def cpu_state_dict(model):
     unique |= {name for name, _ in model.named_buffers()}
     return {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()
             if name in unique}
+
+
+def to_cpu(obj):
+    """`obj` (an optimizer's state, say) with every tensor in it copied to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
 
 
 def cpu_copy(model):

@@ -63,6 +63,9 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                    help="unset: bf16 on TPUs, on GPUs that support it and on CPUs with AMX "
                         "(Intel Xeon from Sapphire Rapids on), fp32 otherwise")
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard parameters, gradients and optimizer state over the run's "
+                        "processes (torchrun) or XLA replicas, so that each holds 1/N of them")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the forward pass and the loss together (CUDA and CPU, "
                         "with a C++ compiler; refused on XLA, which compiles every step anyway)")

@@ -81,7 +81,7 @@ def train_step(model, optimizer, scheduler, window, backend, step, max_grad_norm
             (batch_loss * backend.world_size / n_tokens).backward()
         loss_sum += batch_loss.detach()
     backend.reduce_gradients(optimizer)  # all-reduce: every replica now holds the mean
-    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    backend.clip_gradients(model, max_grad_norm)  # by the norm over every replica's shard
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)

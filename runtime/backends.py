@@ -76,6 +76,7 @@ class Backend:
     rank = 0
     fixed_shapes = False  # batches may be cut to their longest example
     shards_model = False  # each replica holds the whole model (runtime/sharding.py: not so)
+    reshards = False  # loads a sharded checkpoint on another number of replicas
 
     def __init__(self, kind, precision, activation_checkpointing=False):
         self.device = torch.device(kind)
@@ -142,6 +143,10 @@ class Backend:
         # Fused: one kernel updates every parameter, on the GPU and on the CPU alike; the
         # default per-parameter loop makes the CPU's optimizer step about 4x slower.
         return torch.optim.AdamW(param_groups, lr=lr, fused=True)
+
+    def clip_gradients(self, model, max_norm):
+        """At most `max_norm` for the norm of all of `model`'s gradients (DDP's, FSDP2's)."""
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
     def feed(self, loader):
         """Batches on the device; pinned host memory lets the copy overlap compute."""
@@ -221,6 +226,7 @@ class XlaBackend(Backend):
     """PyTorch/XLA: one replica per TPU chip (or core). Replicas are processes, or threads
     of one process (two per process on TPU v2/v3 hosts, all of them on XLA:CPU)."""
     fixed_shapes = True  # few shapes, each compiled once
+    pin_layout = True  # of the all-reduces: one graph may not mix pinned and unpinned ones
 
     def __init__(self, precision, activation_checkpointing=False):
         import torch_xla
@@ -253,7 +259,7 @@ class XlaBackend(Backend):
     pin_memory = False
 
     def all_reduce_sum(self, tensor):
-        return self.xm.all_reduce(self.xm.REDUCE_SUM, tensor)
+        return self.xm.all_reduce(self.xm.REDUCE_SUM, tensor, pin_layout=self.pin_layout)
 
     def reduce_gradients(self, optimizer):
         # xm.optimizer_step would reduce and step in one call; reducing first lets the
@@ -266,7 +272,7 @@ class XlaBackend(Backend):
         # One element, not a 0-d scalar: torch_xla bakes 0-d values into the graph, and
         # replicas holding different flags would then compile different graphs.
         flag = torch.tensor([float(flag)], device=self.device)
-        return self.xm.all_reduce(self.xm.REDUCE_MAX, flag).item() > 0
+        return self.xm.all_reduce(self.xm.REDUCE_MAX, flag, pin_layout=self.pin_layout).item() > 0
 
     def on_host(self, fn, *args):
         self.xm.add_step_closure(fn, args)
@@ -300,5 +306,6 @@ class XlaBackend(Backend):
             self.xm.set_rng_state(state["xla"], self.device)
 
     def generation_model(self, model):
-        """A copy on the CPU: `generate` on XLA compiles a graph for almost every token."""
+        """A copy on the CPU, on the master (None elsewhere; every replica calls it):
+        `generate` on XLA compiles a graph for almost every token."""
         return cpu_copy(model) if self.is_master else None

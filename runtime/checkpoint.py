@@ -23,7 +23,7 @@ import torch
 from transformers import AutoConfig
 
 from corpus.features import tokenizer_fingerprint
-from model import from_pretrained, load_tokenizer, save_pretrained
+from model import from_pretrained, load_tokenizer, save_pretrained, to_cpu
 from runtime.errors import CheckpointError, InputError, NonFiniteLoss, add_file_bytes, first_line
 from runtime.progress import Progress
 from runtime.rundir import (WRITE_ERRORS, continues_here, drop_later_checkpoints,
@@ -139,16 +139,6 @@ def check_finite_weights(backend, model, step):
                             f"rate too high?); nothing was saved for this step")
 
 
-def to_cpu(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
-    return obj
-
-
 def replace_dir(src, dst):
     if dst.exists():  # the same step saved twice (an epoch's end that is also a save step)
         shutil.rmtree(dst)
@@ -178,16 +168,18 @@ def export_best(out, backend, model, tokenizer, step):
 # --------------------------------------------------------------------------- resuming
 
 
-def check_resume_args(saved, current, warn=True):
+def check_resume_args(saved, current, warn=True, reshards=True):
     """Refuse to continue with settings that change the work; say what the rest do.
     `saved` and `current`: the checkpoint's settings and this run's, flag by flag, with what
-    the flags leave to the machine (world_size, corpus, precision)."""
+    the flags leave to the machine (world_size, corpus, precision). `reshards`: whether this
+    run's backend loads a sharded checkpoint on another number of processes."""
     fixed = FIXED_ON_RESUME
     saved = {"fsdp": False, **saved}  # saved before --fsdp existed
     if "model" not in saved:  # saved before 2026-12: the model is known by its name alone
         saved, fixed = {**saved, "model": current["model"]}, fixed + ["pretrained_model_name"]
     changed = [k for k in current if k not in NOT_COMPARED and saved.get(k) != current[k]]
-    if saved["fsdp"] and current.get("fsdp") and saved.get("world_size") != current["world_size"]:
+    if (reshards and saved["fsdp"] and current.get("fsdp")
+            and saved.get("world_size") != current["world_size"]):
         changed = [k for k in changed if k not in ("world_size", "batch_size")]
         check_resharding(saved, current, warn)
     fatal = [k for k in changed if k in fixed]
@@ -297,7 +289,7 @@ def restore(path, cfg, backend, optimizer, scheduler, settings):
     state = torch.load(path / "training_state.pt", weights_only=True)
     # Every replica checks (they must all refuse together); the master alone warns.
     saved = state["settings"] if "settings" in state else state["args"]  # before 2026-12
-    check_resume_args(saved, settings, warn=backend.is_master)
+    check_resume_args(saved, settings, warn=backend.is_master, reshards=backend.reshards)
     if "optimizer" in state:
         optimizer.load_state_dict(state["optimizer"])
     else:  # sharded: the model's shards too (train.py loaded only its config)

@@ -19,6 +19,7 @@ from runtime.errors import InputError, ReplicaLost
 from runtime.sharding import FsdpBackend
 from runtime.torchrun import TorchrunBackend
 from runtime.signals import STOP_SIGNALS, Interrupted, StopSignal
+from runtime.xla_sharding import XlaFsdpBackend
 
 
 def run_process(train, prepare, cfg, kind, agreed=()):
@@ -109,10 +110,6 @@ def spawn_replicas(train, prepare, cfg, one_core=False, agreed=()):
     """Run `train(XlaBackend, cfg)` on every XLA device (one, with `one_core`), after
     `prepare(cfg)` here, once for the host."""
     import torch_xla.distributed.xla_multiprocessing as xmp
-    if cfg.fsdp:
-        raise InputError("--fsdp is not available on XLA in this version; leave --fsdp out "
-                         "(each replica then holds the whole model), or run on CPUs or GPUs "
-                         "under torchrun")
     prepare(cfg)
     # Ctrl-C reaches every replica from the terminal; a SIGTERM or SIGHUP sent to this
     # process alone (a preempted TPU VM, `kill`, the end of an SSH session it leads) is
@@ -190,7 +187,8 @@ class Replica:
     def __call__(self, index, cfg):
         if threading.current_thread() is threading.main_thread():
             StopSignal.install()  # nprocs=1: this replica runs in the launcher itself
-        backend = XlaBackend(cfg.precision, recomputes(cfg))
+        xla = XlaFsdpBackend if cfg.fsdp else XlaBackend
+        backend = xla(cfg.precision, recomputes(cfg))
         try:
             check_same_run(backend, cfg.settings, cfg.data.files())
             self.train(backend, cfg)

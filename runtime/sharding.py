@@ -24,7 +24,7 @@ from transformers.integrations.accelerate import init_empty_weights
 
 from model import LOADING, from_pretrained, load_model, packs_reviews, splits_off_output_layer
 from runtime.torchrun import TorchrunBackend
-from runtime.errors import InputError, first_line
+from runtime.errors import CheckpointError, InputError, first_line
 
 SHARDS = "shards"  # the folder of a checkpoint that torch.distributed.checkpoint writes
 # torch.distributed.checkpoint's own writer calls the deprecated tensor.storage(): a warning
@@ -39,7 +39,17 @@ def is_sharded(folder):
 
 def check_shards(folder):
     """Raise unless the shards in `folder` load: the index that torch.distributed.checkpoint
-    writes last, and every shard file as long as the index says (a copy cut short)."""
+    writes last, and every shard file as long as the index says (a copy cut short); or on
+    XLA (xla_sharding.py) every replica's shard file, each a dict that loads."""
+    replicas = sorted(Path(folder).glob("shard_*_of_*.pt"))
+    if replicas:
+        expected = int(replicas[0].stem.rsplit("_", 1)[1])
+        if len(replicas) != expected:
+            raise ValueError(f"holds {len(replicas)} of {expected} replicas' shards")
+        for path in replicas:
+            if not isinstance(torch.load(path, weights_only=True), dict):
+                raise ValueError(f"{path.name} does not hold a dict")
+        return
     index = dcp.FileSystemReader(folder).read_metadata()
     ends = {}
     for stored in index.storage_data.values():
@@ -57,6 +67,7 @@ class FsdpBackend(TorchrunBackend):
     forward and its backward and freed after them; the backward reduce-scatters the
     gradients, so each process updates its own shard only."""
     shards_model = True
+    reshards = True  # torch.distributed.checkpoint reshards on load
 
     def __init__(self, kind, precision, activation_checkpointing=False):
         super().__init__(kind, precision, activation_checkpointing)
@@ -177,6 +188,10 @@ class FsdpBackend(TorchrunBackend):
     def load_shards(self, model, optimizer, folder):
         """The model's and the optimizer's shards from `folder`, resharded when the
         checkpoint was written by another number of processes."""
+        if not (Path(folder) / SHARDS / ".metadata").is_file():
+            raise CheckpointError(f"--resume: {folder} was written by XLA replicas (--fsdp "
+                                  f"on a TPU host); resume it there, or start a new "
+                                  f"--downstream_model_dir")
         model_state, optimizer_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optimizer": optimizer_state}
         dcp.load(state, checkpoint_id=Path(folder) / SHARDS)

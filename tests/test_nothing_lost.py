@@ -181,6 +181,16 @@ def test_a_checkpoint_from_before_model_digests_compares_the_model_by_name():
                                                      "pretrained_model_name": "/models/b"})
 
 
+def test_resume_refuses_a_changed_fsdp_but_not_a_checkpoint_from_before_the_flag():
+    """Sharded and whole checkpoints hold the weights and AdamW's state differently."""
+    saved = {"model": "a digest", "world_size": 2, "fsdp": True}
+    with pytest.raises(InputError, match="--fsdp is False but the checkpoint was trained "
+                                         "with True"):
+        runtime.checkpoint.check_resume_args(saved, {**saved, "fsdp": False})
+    before = {"model": "a digest", "world_size": 2}
+    runtime.checkpoint.check_resume_args(before, {**before, "fsdp": False}, warn=False)
+
+
 @pytest.mark.slow
 def test_a_checkpoint_renamed_to_another_step_is_named_and_costs_nothing(run, capsys):
     """Going by its name, a resume would start from step 2 and delete checkpoint-4 and
