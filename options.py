@@ -63,16 +63,14 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                    help="unset: bf16 on TPUs, on GPUs that support it and on CPUs with AMX "
                         "(Intel Xeon from Sapphire Rapids on), fp32 otherwise")
-    p.add_argument("--fsdp", action="store_true",
-                   help="shard parameters, gradients and optimizer state over the run's "
-                        "processes (torchrun) or XLA replicas, so that each holds 1/N of them")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the forward pass and the loss together (CUDA and CPU, "
                         "with a C++ compiler; refused on XLA, which compiles every step anyway)")
     p.add_argument("--fsdp", action="store_true",
                    help="shard parameters, gradients and optimizer state over the run's "
-                        "processes (FSDP2; start it with torchrun): a model too large for one "
-                        "device trains, at the cost of more communication per step")
+                        "processes (FSDP2 under torchrun) or XLA replicas (PyTorch/XLA's FSDP): "
+                        "a model too large for one device trains, at the cost of more "
+                        "communication per step")
     p.add_argument("--activation_checkpointing", action="store_true",
                    help="keep only each transformer block's input and recompute the rest in "
                         "the backward: less memory (most of the activations), a second "

@@ -184,8 +184,8 @@ def test_a_checkpoint_from_before_model_digests_compares_the_model_by_name():
 def test_resume_refuses_a_changed_fsdp_but_not_a_checkpoint_from_before_the_flag():
     """Sharded and whole checkpoints hold the weights and AdamW's state differently."""
     saved = {"model": "a digest", "world_size": 2, "fsdp": True}
-    with pytest.raises(InputError, match="--fsdp is False but the checkpoint was trained "
-                                         "with True"):
+    with pytest.raises(InputError, match="the checkpoint was saved with --fsdp; resume it "
+                                         "with --fsdp"):
         runtime.checkpoint.check_resume_args(saved, {**saved, "fsdp": False})
     before = {"model": "a digest", "world_size": 2}
     runtime.checkpoint.check_resume_args(before, {**before, "fsdp": False}, warn=False)

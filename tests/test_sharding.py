@@ -23,13 +23,6 @@ def test_fsdp_without_torchrun_is_one_line(train_args, capsys):
         "(torchrun --nproc_per_node N train.py --fsdp ...), or leave --fsdp out")
 
 
-def test_fsdp_on_xla_is_one_line(train_args, capsys):
-    assert train.main(train_args + ["--fsdp", "--device", "xla"]) == 1
-    assert last_error(capsys) == (
-        "error: --fsdp is not available on XLA in this version; leave --fsdp out (each "
-        "replica then holds the whole model), or run on CPUs or GPUs under torchrun")
-
-
 SAVED = {"model": "m", "corpus": "c", "batch_size": 16, "world_size": 2, "fsdp": True,
          "group_by_length": False, "seed": 7}
 
