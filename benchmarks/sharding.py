@@ -1,7 +1,7 @@
 """Peak memory per process and speed of DDP against FSDP (`--fsdp`), each run as
 `torchrun --nproc_per_node N train.py` on the CPU, for randomly initialised GPT-2 shapes.
 
-    python benchmarks/sharding.py [--shapes kogpt2 gpt2-large] [--modes ddp fsdp]
+    python benchmarks/sharding.py [--shapes kogpt2 gpt2-large] [--modes ddp fsdp fsdp+ac]
                                   [--processes 2] [--max_steps 3] [--memory_cap_gib 20]
 
 Each process's peak resident memory is its kernel high-water mark (VmHWM), read by this
@@ -47,7 +47,8 @@ SHAPES = {
     "kogpt2": dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=51200),
     "gpt2-large": dict(n_layer=36, n_embd=1280, n_head=20, n_positions=1024, vocab_size=51200),
 }
-MODES = {"ddp": [], "fsdp": ["--fsdp"]}
+MODES = {"ddp": [], "fsdp": ["--fsdp"], "fsdp+ac": ["--fsdp", "--activation_checkpointing"],
+         "ddp+ac": ["--activation_checkpointing"]}
 GIB = 2**30
 
 
@@ -55,7 +56,8 @@ def parse_args(argv=None):
     p = options.ArgumentParser(description=__doc__.split("\n\n")[0],
                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=["kogpt2", "gpt2-large"])
-    p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    p.add_argument("--modes", nargs="+", choices=list(MODES), default=["ddp", "fsdp"],
+                   help="+ac: with --activation_checkpointing")
     p.add_argument("--processes", type=int, default=2, help="torchrun's --nproc_per_node")
     p.add_argument("--batch_size", type=int, default=2, help="examples per process and step")
     p.add_argument("--max_seq_length", type=int, default=128)

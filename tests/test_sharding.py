@@ -98,3 +98,11 @@ def test_a_sharded_checkpoint_is_complete_and_one_cut_short_is_skipped(tmp_path,
     assert f"skipping {checkpoint}: shards does not load" in capsys.readouterr().err
     (checkpoint / "shards" / ".metadata").unlink()  # a save cut before its index
     assert runtime.rundir.damage(checkpoint).startswith("shards does not load")
+
+
+def test_a_backend_that_cannot_reshard_refuses_another_number_of_replicas():
+    """XLA's FSDP: each replica's shard file is its own, so its checkpoints resume only on
+    as many replicas as wrote them (torch.distributed.checkpoint's reshard)."""
+    with pytest.raises(InputError, match="the checkpoint was trained on 2 replicas and this "
+                                         "run has 4; resume on as many devices"):
+        check_resume_args(SAVED, resumed(world_size=4, batch_size=8), False, reshards=False)
