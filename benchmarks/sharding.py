@@ -13,7 +13,7 @@ for the machine ends as a row, not as the kernel's out-of-memory kill of somethi
 The corpus is tests/fixtures.py's NSMC-format sample and the tokenizer its small one: the
 model's shape, not its vocabulary's use, sets the memory. Every run writes its step-0 and
 final evaluation, the exported best model and a checkpoint, as `python train.py` does: the
-peaks include them.
+peaks include them. Each run's folder is removed once read.
 """
 import sys
 from pathlib import Path
@@ -188,6 +188,7 @@ def run_all(args, work):
             print(f"{shape} {mode}: {shlex.join(command)}", flush=True)
             outcome, wall, peaks = run_watched(command, args.memory_cap_gib * GIB, args.timeout)
             rate = tokens_per_second(out) if outcome == 0 else float("nan")
+            shutil.rmtree(out, ignore_errors=True)  # a 774M model's checkpoint: 9 GB
             rows.append((shape, parameters(model), mode, outcome, peaks[:args.processes],
                          rate, wall))
     return rows
