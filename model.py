@@ -64,13 +64,24 @@ def check_tokenizer_file(name, flag):
                          f"again from the model it came from") from None
 
 
-def load_model(name, tokenizer, flag="--pretrained_model_name", device=None):
+# The folder of a checkpoint that holds its weights as shards, one file or set of files per
+# process, written under --fsdp (runtime/sharding.py, runtime/xla_sharding.py).
+SHARDS = "shards"
+
+
+def is_sharded(folder):
+    """Whether the checkpoint folder holds its weights as shards (written under --fsdp)."""
+    return (Path(folder) / SHARDS).is_dir()
+
+
+def load_model(name, tokenizer, flag="--pretrained_model_name", device=None, resuming=False):
     """The causal LM `name`, checked to cover every id the tokenizer can produce, on
-    `device` when one is given."""
+    `device` when one is given. A sharded checkpoint (--fsdp) holds no whole model: only a
+    resumed run reads it, the model built here from its config and the weights loaded from
+    the shards once the backend has sharded it."""
     with LOADING:
-        if (Path(name) / "shards").is_dir():  # runtime/sharding.py's SHARDS: --fsdp on XLA
-            # The weights are in the shards, loaded once the model is sharded (restore).
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name)).eval()
+        if is_sharded(name) and resuming:
+            model = from_config(AutoConfig.from_pretrained(name))
         else:
             model = from_pretrained(AutoModelForCausalLM, name, flag)
         if sees_the_future(model):
@@ -225,6 +236,15 @@ def max_positions(config):
 LOADING = threading.RLock()
 
 
+def from_config(config):
+    """A model of `config`'s architecture with random weights, in fp32 whatever dtype the
+    config records (fp32 master weights: --precision bf16 casts only in the forward)."""
+    with LOADING:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.tie_weights()
+    return model.eval()
+
+
 def from_pretrained(cls, name, flag):
     try:
         with LOADING:
@@ -239,8 +259,10 @@ def from_pretrained(cls, name, flag):
 
 def not_found_hint(name):
     """What to do about a model that did not load, fitting what the user already set."""
-    if (Path(name) / "shards").is_dir():  # runtime/sharding.py's SHARDS
-        return "a checkpoint saved under --fsdp holds its weights in shards: resume with --fsdp"
+    if is_sharded(name):
+        return ("a checkpoint saved under --fsdp holds its weights in shards, which only "
+                "--resume reads (with --fsdp); the run's best model, whole, is in its "
+                "--downstream_model_dir")
     if Path(name).is_dir():
         return "the directory needs config.json, model weights and tokenizer.json"
     if constants.HF_HUB_OFFLINE:

@@ -156,7 +156,8 @@ def train(backend, cfg):
     batches_per_epoch, steps_per_epoch = data.replica_steps(
         len(train_features), cfg.data.batch_size, backend.world_size, cfg.grad_accum_steps)
     total_steps = planned_steps(steps_per_epoch, cfg.epochs, cfg.max_steps, backend.is_master)
-    model = backend.load_model(str(checkpoint or cfg.pretrained_model_name), tokenizer).train()
+    model = backend.load_model(str(checkpoint or cfg.pretrained_model_name), tokenizer,
+                               resuming=checkpoint is not None).train()
     data.record_polarity_words(model.config, train_features)
     packed = not cfg.no_packing and packs_reviews(model)
     train_batches, train_loader, val_loader = data.loaders(
@@ -274,7 +275,7 @@ def main(argv=None):
     try:
         check_args(args)
         cfg = config(args)
-        kind = choose_device(args.device, args.tpu_cores, args.compile)
+        kind = choose_device(args.device, args.tpu_cores, args.compile, args.fsdp)
         with exclusive(cfg.checkpoint.downstream_model_dir):  # one lock per host
             if kind == "xla":
                 spawn_replicas(train, prepare, cfg, args.tpu_cores == 1, agreed=AGREED_ERRORS)

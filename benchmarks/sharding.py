@@ -4,16 +4,21 @@
     python benchmarks/sharding.py [--shapes kogpt2 gpt2-large] [--modes ddp fsdp fsdp+ac]
                                   [--processes 2] [--max_steps 3] [--memory_cap_gib 20]
 
-Each process's peak resident memory is its kernel high-water mark (VmHWM), read by this
-script every 0.2 s while the run lasts; tokens/s is train.py's own figure (metrics.jsonl,
-training time only), over the steps after the first. A run whose processes together pass
---memory_cap_gib is stopped there and reported as not fitting, so that a shape too large
-for the machine ends as a row, not as the kernel's out-of-memory kill of something else.
+Each process's peak is the most private memory (resident, not backed by a file: its
+tensors) this script saw it hold, read every 0.2 s while the run lasts; tokens/s is
+train.py's own figure (metrics.jsonl, training time only), over the steps after the first;
+s/step the time between the lines of consecutive steps from the second on, as seen every
+0.2 s (so it includes the report). A run whose processes together pass --memory_cap_gib is
+stopped there and reported as not fitting, so that a shape too large for the machine ends
+as a row, not as the kernel's out-of-memory kill of something else.
 
 The corpus is tests/fixtures.py's NSMC-format sample and the tokenizer its small one: the
 model's shape, not its vocabulary's use, sets the memory. Every run writes its step-0 and
-final evaluation, the exported best model and a checkpoint, as `python train.py` does: the
-peaks include them. Each run's folder is removed once read.
+final evaluation (each with one review of each polarity, from a whole copy of the model),
+the exported best model and a checkpoint, as `python train.py` does: the peaks include
+them. Left out (--polarity_eval_size 0): the polarity scoring and the final evaluation's
+200 judged reviews, which a 774M model writes on one CPU thread in longer than the run
+trains. Each run's folder is removed once read.
 """
 import sys
 from pathlib import Path
@@ -61,7 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--processes", type=int, default=2, help="torchrun's --nproc_per_node")
     p.add_argument("--batch_size", type=int, default=2, help="examples per process and step")
     p.add_argument("--max_seq_length", type=int, default=128)
-    p.add_argument("--max_steps", type=int, default=3)
+    p.add_argument("--max_steps", type=int, default=4)
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                    help="unset: train.py's choice for this CPU")
     p.add_argument("--memory_cap_gib", type=float, default=20.0,
@@ -74,7 +79,7 @@ def parse_args(argv=None):
 
 def check_args(args):
     check_at_least(1, args, "processes", "batch_size", "max_seq_length", "max_steps")
-    check_at_least(2, args, "max_steps", note=" (tokens/s is read after the first step)")
+    check_at_least(3, args, "max_steps", note=" (the speed is read after the second step)")
     check_positive(args, "memory_cap_gib", "timeout")
 
 
@@ -97,26 +102,41 @@ def train_command(args, model, corpus, out, mode):
             "--downstream_model_dir", str(out), "--cache_dir", str(out.parent / "cache"),
             "--batch_size", str(args.batch_size), "--max_seq_length", str(args.max_seq_length),
             "--max_steps", str(args.max_steps), "--log_every", "1", "--report_to", "none",
+            "--polarity_eval_size", "0",
             *precision, *MODES[mode]]
 
 
-def high_water_mark(pid):
-    """The process's peak resident memory so far, in bytes (None once it has ended)."""
+def private_bytes(pid):
+    """The process's resident memory that no file backs (RssAnon + RssShmem): its tensors.
+    Left out: the pages of files it maps (a model's safetensors while it loads), which the
+    kernel can drop and read again, so they do not decide whether a run fits. None once
+    the process has ended."""
     try:
         status = Path(f"/proc/{pid}/status").read_text().splitlines()
     except OSError:
         return None
-    kib = next((line.split()[1] for line in status if line.startswith("VmHWM:")), None)
-    return int(kib) * 1024 if kib else None
+    kib = [int(line.split()[1]) for line in status if line.startswith(("RssAnon:", "RssShmem:"))]
+    return sum(kib) * 1024 if kib else None
 
 
-def run_watched(command, cap_bytes, timeout):
+def train_events(out):
+    """How many steps the run has logged so far (metrics.jsonl, one line a step)."""
+    try:
+        lines = (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return 0
+    return sum('"event": "train"' in line for line in lines)
+
+
+def run_watched(command, out, cap_bytes, timeout):
     """Run `command`; returns (exit status or a reason, wall seconds, peak bytes of each
-    worker process). Stops it once its processes together hold more than `cap_bytes`."""
+    worker process, seconds a step). Every 0.2 s it reads each worker's private memory and
+    whether a step's line has reached `out`/metrics.jsonl; it stops the run once the
+    workers together hold more than `cap_bytes`."""
     started = time.perf_counter()
     launcher = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    peaks, outcome = {}, None
+    peaks, outcome, logged = {}, None, []  # logged: when each step's line was first seen
     stderr_lines = []
     reader = _drain(launcher.stderr, stderr_lines)
     while launcher.poll() is None:
@@ -124,16 +144,14 @@ def run_watched(command, cap_bytes, timeout):
             workers = psutil.Process(launcher.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             workers = []
-        resident = 0
+        held = 0
         for worker in workers:
-            peak = high_water_mark(worker.pid)
-            if peak is not None:
-                peaks[worker.pid] = max(peaks.get(worker.pid, 0), peak)
-            try:
-                resident += worker.memory_info().rss
-            except psutil.NoSuchProcess:
-                pass
-        if resident > cap_bytes:
+            now = private_bytes(worker.pid)
+            if now is not None:
+                peaks[worker.pid] = max(peaks.get(worker.pid, 0), now)
+                held += now
+        logged += [time.perf_counter()] * (train_events(out) - len(logged))
+        if held > cap_bytes:
             outcome = f"stopped at the {cap_bytes / GIB:g} GiB cap"
         elif time.perf_counter() - started > timeout:
             outcome = f"timed out after {timeout} s"
@@ -149,7 +167,9 @@ def run_watched(command, cap_bytes, timeout):
         outcome = launcher.returncode
     if outcome != 0:
         print("\n".join(stderr_lines[-20:]), file=sys.stderr)
-    return outcome, time.perf_counter() - started, sorted(peaks.values(), reverse=True)
+    gaps = [b - a for a, b in zip(logged[1:], logged[2:])]  # after step 2: warmed up
+    step_s = sum(gaps) / len(gaps) if gaps else float("nan")
+    return outcome, time.perf_counter() - started, sorted(peaks.values(), reverse=True), step_s
 
 
 def _drain(stream, lines):
@@ -186,11 +206,12 @@ def run_all(args, work):
             shutil.rmtree(out, ignore_errors=True)
             command = train_command(args, model, corpus, out, mode)
             print(f"{shape} {mode}: {shlex.join(command)}", flush=True)
-            outcome, wall, peaks = run_watched(command, args.memory_cap_gib * GIB, args.timeout)
+            outcome, wall, peaks, step_s = run_watched(command, out,
+                                                       args.memory_cap_gib * GIB, args.timeout)
             rate = tokens_per_second(out) if outcome == 0 else float("nan")
             shutil.rmtree(out, ignore_errors=True)  # a 774M model's checkpoint: 9 GB
             rows.append((shape, parameters(model), mode, outcome, peaks[:args.processes],
-                         rate, wall))
+                         rate, step_s if outcome == 0 else float("nan"), wall))
     return rows
 
 
@@ -203,14 +224,15 @@ def print_table(rows, args):
           f"command: {shlex.join(['python', *sys.argv])}")
     print(f"{args.processes} processes under torchrun (gloo), batch {args.batch_size} x "
           f"{args.max_seq_length} tokens per process, {args.max_steps} steps\n")
-    print("| shape | parameters | mode | outcome | peak GiB per process | tokens/s | wall s |")
-    print("|---|---|---|---|---|---|---|")
-    for shape, params, mode, outcome, peaks, rate, wall in rows:
+    print("| shape | parameters | mode | outcome | peak GiB per process | tokens/s | s/step "
+          "| wall s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for shape, params, mode, outcome, peaks, rate, step_s, wall in rows:
         peak = ", ".join(f"{p / GIB:.2f}" for p in peaks) or "-"
         result = "trained" if outcome == 0 else (f"exit {outcome}" if isinstance(outcome, int)
                                                  else outcome)
         print(f"| {shape} | {params / 1e6:.3g}M | {mode} | {result} | {peak} | {rate:,.0f} "
-              f"| {wall:.0f} |")
+              f"| {step_s:.1f} | {wall:.0f} |")
 
 
 @one_line_errors

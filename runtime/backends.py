@@ -6,8 +6,8 @@ barriers and agree on when to stop); torchrun.py's `TorchrunBackend` does the sa
 processes that `torchrun` starts, and sharding.py's `FsdpBackend` shards the model over
 them. launch.py starts them all.
 
-A CPU/GPU-only copy of the loop can drop `XlaBackend`; a single-process one torchrun.py and
-sharding.py too.
+A CPU/GPU-only copy of the loop can drop `XlaBackend` and xla_sharding.py; a single-process
+one torchrun.py, sharding.py and agreement.py too (docs/adapting.md).
 """
 import contextlib
 import importlib.util
@@ -23,11 +23,12 @@ from runtime.hardware import fast_bf16, keep_freed_memory
 from runtime.signals import StopRequested, StopSignal
 
 
-def choose_device(device, tpu_cores=None, compile_flag=False):
+def choose_device(device, tpu_cores=None, compile_flag=False, fsdp=False):
     """'xla', 'cuda' or 'cpu' for `--device` and the tutorial's `--tpu_cores`. Under torchrun
     (its variables in the environment) this process is one of several, on a GPU of its own
     or on the CPU: `run_process` joins it to the others. Flags that would do nothing on the
-    device chosen are refused (--compile on XLA here, --tpu_cores in options.check_args)."""
+    device chosen are refused (--compile on XLA and --fsdp in one process here, --tpu_cores
+    in options.check_args)."""
     check_launch_variables()
     if device != "auto":
         kind = device
@@ -50,6 +51,10 @@ def choose_device(device, tpu_cores=None, compile_flag=False):
     if kind == "xla" and compile_flag:
         raise InputError("--compile does nothing on XLA, which compiles every step already; "
                          "leave it out")
+    if fsdp and kind != "xla" and not started_by_torchrun():
+        raise InputError("--fsdp shards the model over the processes of a run: start it "
+                         "with torchrun (torchrun --nproc_per_node N train.py --fsdp ...), "
+                         "or leave --fsdp out")
     return kind
 
 
@@ -116,8 +121,9 @@ class Backend:
                                  f"--compile") from None
         return run
 
-    def load_model(self, name, tokenizer):
-        return load_model(name, tokenizer, device=self.device)
+    def load_model(self, name, tokenizer, resuming=False):
+        """`name`'s model on this device; `resuming`: `name` is the checkpoint resumed."""
+        return load_model(name, tokenizer, device=self.device, resuming=resuming)
 
     def full_state_dict(self, model):
         """The whole model's weights on the CPU, on the master (None elsewhere)."""

@@ -2,7 +2,8 @@
 
     checkpoint-<step>/   the model (Hugging Face format), training_state.pt (optimizer,
                          scheduler, progress, the run's settings) and rng_state_<rank>.pt
-                         per replica
+                         per replica; under --fsdp the config and a shards/ folder in
+                         place of the weights, the optimizer's state in the shards too
     config.json, model.safetensors, tokenizer files: the best model so far
 
 Every replica takes part in a save: checkpoints are written under a temporary name and
@@ -301,8 +302,12 @@ def restore(path, cfg, backend, optimizer, scheduler, settings):
     rng_state = path / f"rng_state_{backend.rank}.pt"
     if rng_state.is_file():
         backend.set_rng_state(torch.load(rng_state, weights_only=True))
-    else:  # resharded onto more processes than saved: a stream of its own (seed, rank, step)
+    elif backend.reshards and backend.rank >= saved["world_size"]:
+        # Resharded onto more processes than saved: a stream of its own (seed, rank, step).
         torch.manual_seed(settings["seed"] + 1_000_003 * backend.rank + progress.step)
+    else:
+        raise CheckpointError(f"--resume: {path} has no {rng_state.name} (copied in part?); "
+                              f"copy the whole checkpoint folder, or resume an earlier one")
     if not continues_here(str(path), cfg.downstream_model_dir):
         progress.best_val_loss = math.inf  # a new folder: its first evaluation exports
     master_writes(backend, lambda: drop_later_checkpoints(cfg.downstream_model_dir,

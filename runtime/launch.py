@@ -26,10 +26,6 @@ def run_process(train, prepare, cfg, kind, agreed=()):
     """Run `train` in this process: alone, or as one of those torchrun starts. `prepare(cfg)`
     is the work done once on each host before training (see train.py's)."""
     if not started_by_torchrun():
-        if cfg.fsdp:
-            raise InputError("--fsdp shards the model over the processes of a run: start it "
-                             "with torchrun (torchrun --nproc_per_node N train.py --fsdp ...), "
-                             "or leave --fsdp out")
         prepare(cfg)
         StopSignal.install()
         return train(Backend(kind, cfg.precision, recomputes(cfg)), cfg)

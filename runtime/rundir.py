@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from model import SHARDS, is_sharded
 from runtime.backends import first_on_host
 from runtime.errors import CheckpointError, InputError, first_line
-from runtime.sharding import SHARDS, check_shards, is_sharded
 
 # What a failed write raises: OSError for most, RuntimeError from torch.save on a full disk
 # ("PytorchStreamWriter failed writing file"), SafetensorError from the safetensors writer.
@@ -112,6 +112,31 @@ def is_complete(path):
     return damage(path) is None
 
 
+def check_shards(folder):
+    """Raise unless the shards in `folder` load. torch.distributed.checkpoint's (torchrun):
+    the index it writes last, and every file as long as the index says (a copy cut short).
+    XLA's (runtime/xla_sharding.py): every replica's file, each a dict that loads."""
+    replicas = sorted(Path(folder).glob("shard_*_of_*.pt"))
+    if replicas:
+        expected = int(replicas[0].stem.rsplit("_", 1)[1])
+        if len(replicas) != expected:
+            raise ValueError(f"holds {len(replicas)} of {expected} replicas' shards")
+        for path in replicas:  # mmap: the header and index are read, not every tensor
+            if not isinstance(torch.load(path, weights_only=True, mmap=True), dict):
+                raise ValueError(f"{path.name} does not hold a dict")
+        return
+    import torch.distributed.checkpoint as dcp  # only a torchrun --fsdp run's needs it
+    index = dcp.FileSystemReader(folder).read_metadata()
+    ends = {}
+    for stored in index.storage_data.values():
+        end = stored.offset + stored.length
+        ends[stored.relative_path] = max(end, ends.get(stored.relative_path, 0))
+    for name, end in ends.items():
+        size = (Path(folder) / name).stat().st_size if (Path(folder) / name).is_file() else 0
+        if size < end:
+            raise ValueError(f"{name} holds {size} bytes of {end}")
+
+
 def damage(path):
     """Why the checkpoint folder `path` cannot be resumed from, or None when every file
     loads. A kill or a full disk can leave files that exist but are cut short."""
@@ -134,9 +159,14 @@ def damage(path):
             state = torch.load(path / name, weights_only=True)
             if not isinstance(state, dict):
                 raise ValueError(f"holds a {type(state).__name__}, not a dict")
+            if name == "training_state.pt":
+                saved = state.get("settings", state.get("args", {}))
     except Exception as e:  # whatever a damaged file makes its reader raise
         return f"{name} does not load ({first_line(e)})"
-    return None
+    replicas = saved.get("world_size", 1) if isinstance(saved, dict) else 1
+    missing = [f"rng_state_{rank}.pt" for rank in range(replicas)
+               if not (path / f"rng_state_{rank}.pt").is_file()]
+    return f"{missing[0]} is missing (one per replica)" if missing else None
 
 
 def latest_checkpoint(out, warn=True):

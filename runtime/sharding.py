@@ -22,43 +22,15 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.integrations.accelerate import init_empty_weights
 
-from model import LOADING, from_pretrained, load_model, packs_reviews, splits_off_output_layer
+from model import (LOADING, SHARDS, from_config, from_pretrained, is_sharded, load_model,
+                   packs_reviews, splits_off_output_layer)
 from runtime.torchrun import TorchrunBackend
 from runtime.errors import CheckpointError, InputError, first_line
+from runtime.hardware import give_back_freed_memory
 
-SHARDS = "shards"  # the folder of a checkpoint that torch.distributed.checkpoint writes
 # torch.distributed.checkpoint's own writer calls the deprecated tensor.storage(): a warning
 # per save that says nothing about the run.
-warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning)
-
-
-def is_sharded(folder):
-    """Whether the checkpoint folder holds its weights as shards (written under --fsdp)."""
-    return (Path(folder) / SHARDS).is_dir()
-
-
-def check_shards(folder):
-    """Raise unless the shards in `folder` load: the index that torch.distributed.checkpoint
-    writes last, and every shard file as long as the index says (a copy cut short); or on
-    XLA (xla_sharding.py) every replica's shard file, each a dict that loads."""
-    replicas = sorted(Path(folder).glob("shard_*_of_*.pt"))
-    if replicas:
-        expected = int(replicas[0].stem.rsplit("_", 1)[1])
-        if len(replicas) != expected:
-            raise ValueError(f"holds {len(replicas)} of {expected} replicas' shards")
-        for path in replicas:
-            if not isinstance(torch.load(path, weights_only=True), dict):
-                raise ValueError(f"{path.name} does not hold a dict")
-        return
-    index = dcp.FileSystemReader(folder).read_metadata()
-    ends = {}
-    for stored in index.storage_data.values():
-        end = stored.offset + stored.length
-        ends[stored.relative_path] = max(end, ends.get(stored.relative_path, 0))
-    for name, end in ends.items():
-        size = (Path(folder) / name).stat().st_size if (Path(folder) / name).is_file() else 0
-        if size < end:
-            raise ValueError(f"{name} holds {size} bytes of {end}")
+TYPED_STORAGE_WARNING = "TypedStorage is deprecated"
 
 
 class FsdpBackend(TorchrunBackend):
@@ -79,26 +51,26 @@ class FsdpBackend(TorchrunBackend):
     def describe(self):
         return f"{super().describe()}, sharded (FSDP)"
 
-    def load_model(self, name, tokenizer):
+    def load_model(self, name, tokenizer, resuming=False):
         """The weights are read once per run, not once per process: the master loads the
         model on the CPU, the others build it with its parameters on the meta device (no
         memory), and `distribute` sends each process its shards. From a sharded checkpoint
         the weights come from its shards (`load_shards`); the master then builds a randomly
         initialised model, whose traits (packing, the output layer) it finds as on a fresh
         start. A refusal on the master (a model that sees the future, say) reaches all."""
-        self.resuming = is_sharded(name)
+        self.resuming = resuming and is_sharded(name)
         config = from_pretrained(AutoConfig, name, "--resume" if self.resuming else
                                  "--pretrained_model_name")
         error = traits = None
         if self.is_master:
             try:
-                model = whole_model(name, tokenizer, config, self.resuming)
+                model = from_config(config) if self.resuming else load_model(name, tokenizer)
                 traits = splits_off_output_layer(model), packs_reviews(model)
             except InputError as e:
                 error = str(e)
         else:
             with LOADING, init_empty_weights(include_buffers=False):
-                model = AutoModelForCausalLM.from_config(config)
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
             model.tie_weights()  # built on meta it is not tied (GPT-2's output layer = wte)
         error, traits = self.barrier("model-loaded", (error, traits))[0]
         if error is not None:
@@ -130,6 +102,7 @@ class FsdpBackend(TorchrunBackend):
             set_model_state_dict(model, self.weights or {}, options=StateDictOptions(
                 full_state_dict=True, broadcast_from_rank0=True))
         self.weights, self.model = None, model
+        give_back_freed_memory()  # the whole weights, read once and sent
         return model
 
     def gradient_sync(self, model, sync):
@@ -156,6 +129,7 @@ class FsdpBackend(TorchrunBackend):
         """The whole model's weights on the master's CPU (None elsewhere): every process
         sends its shards, one tensor at a time, so no device holds the whole model. Each
         tied tensor once, as model.cpu_state_dict does."""
+        give_back_freed_memory()  # the last whole copy (an evaluation's, an export's)
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                      cpu_offload=True))
         if not self.is_master:
@@ -177,10 +151,13 @@ class FsdpBackend(TorchrunBackend):
     def save_shards(self, model, optimizer, folder):
         """Each process writes its shards of the model and of the optimizer's state into
         `folder`/shards; a write that fails on any process raises OSError on every one."""
+        give_back_freed_memory()  # the whole model the export just wrote
         model_state, optimizer_state = get_state_dict(model, optimizer)
         try:
-            dcp.save({"model": model_state, "optimizer": optimizer_state},
-                     checkpoint_id=Path(folder) / SHARDS)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", TYPED_STORAGE_WARNING, UserWarning)
+                dcp.save({"model": model_state, "optimizer": optimizer_state},
+                         checkpoint_id=Path(folder) / SHARDS)
         except CheckpointException as e:  # a BaseException: its first failure, as one line
             rank, (error, _) = next(iter(e.failures.items()))
             raise OSError(f"process {rank}: {first_line(error)}") from None
@@ -197,17 +174,6 @@ class FsdpBackend(TorchrunBackend):
         dcp.load(state, checkpoint_id=Path(folder) / SHARDS)
         set_state_dict(model, optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
-
-
-def whole_model(name, tokenizer, config, resuming):
-    """The master's model on the CPU: `name`'s weights, or on resume random ones (its
-    shards overwrite them) built from the checkpoint's config."""
-    if not resuming:
-        return load_model(name, tokenizer)
-    with LOADING:
-        model = AutoModelForCausalLM.from_config(config)
-    model.tie_weights()
-    return model
 
 
 def materialize(model, device):

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import torch
 
-from model import LOADING, to_cpu
+from model import LOADING, SHARDS, load_model, to_cpu
 from runtime.backends import XlaBackend
 from runtime.errors import CheckpointError, InputError
-from runtime.sharding import SHARDS
 
 
 class XlaFsdpBackend(XlaBackend):
@@ -30,6 +29,11 @@ class XlaFsdpBackend(XlaBackend):
 
     def describe(self):
         return super().describe() + ", FSDP"
+
+    def load_model(self, name, tokenizer, resuming=False):
+        """On the CPU: distribute moves each replica's shards alone onto its device, so that
+        no device holds the whole model."""
+        return load_model(name, tokenizer, resuming=resuming)
 
     def distribute(self, model):
         from torch_xla.distributed.fsdp import XlaFullyShardedDataParallel as FSDP

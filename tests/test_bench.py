@@ -51,7 +51,7 @@ def test_activation_memory_benchmark_prints_both_settings_and_their_ratio():
 def run_sharding_benchmark(tmp_path, *flags):
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "sharding.py"), "--shapes", "tiny",
-         "--max_steps", "2", "--batch_size", "2", "--max_seq_length", "32",
+         "--max_steps", "3", "--batch_size", "2", "--max_seq_length", "32",
          "--work", str(tmp_path), *flags],
         cwd=ROOT, env=os.environ, capture_output=True, text=True, timeout=600)
     rows = [line.split("|")[1:-1] for line in result.stdout.splitlines()
@@ -63,10 +63,11 @@ def test_sharding_benchmark_reports_each_process_peak_memory_and_speed(tmp_path)
     result, rows = run_sharding_benchmark(tmp_path, "--modes", "ddp", "fsdp")
     assert result.returncode == 0, result.stderr
     assert [row[2] for row in rows] == ["ddp", "fsdp"]
-    for shape, params, mode, outcome, peaks, rate, wall in rows:
+    for shape, params, mode, outcome, peaks, rate, step_s, wall in rows:
         assert outcome == "trained"
         assert len(peaks.split(", ")) == 2 and all(float(p) > 0.1 for p in peaks.split(", "))
         assert float(rate.replace(",", "")) > 0
+        assert 0 <= float(step_s) < float(wall)  # nan (no step seen twice) fails too
 
 
 def test_sharding_benchmark_stops_a_run_at_the_memory_cap(tmp_path):

@@ -186,9 +186,10 @@ sys.path.insert(0, {root!r})
 import torch
 from model import load_tokenizer
 from runtime.sharding import FsdpBackend
-backend = FsdpBackend("cpu", "fp32")
+backend = FsdpBackend("cpu", "fp32", activation_checkpointing={recompute})
 model = backend.load_model({model!r}, load_tokenizer({model!r}))
 backend.distribute(model)
+assert model.is_gradient_checkpointing == {recompute}
 ids = torch.arange(2, 18).view(2, 8)[backend.rank:backend.rank + 1]  # a row each
 model(input_ids=ids, labels=ids).loss.backward()  # FSDP averages the two rows' gradients
 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3).full_tensor()  # all gather
@@ -199,13 +200,16 @@ backend.close()
 """
 
 
-def test_clip_grad_norm_takes_the_norm_over_every_process_shards(dropout_free_model, tmp_path):  # noqa: F811,E501
+@pytest.mark.parametrize("recompute", [False, True], ids=["", "activation_checkpointing"])
+def test_clip_grad_norm_takes_the_norm_over_every_process_shards(dropout_free_model, tmp_path,  # noqa: F811,E501
+                                                                 recompute):
     """torch.nn.utils.clip_grad_norm_, as train_step calls it, on FSDP's sharded gradients:
     the norm of the whole gradient (not of one process's shards), and every shard scaled by
-    it, as one process holding both rows computes."""
+    it, as one process holding both rows computes; also when each block recomputes its
+    activations in the backward (--activation_checkpointing with --fsdp)."""
     script, out = tmp_path / "clip_check.py", tmp_path / "clipped.pt"
     script.write_text(CLIP_CHECK.format(root=str(ROOT), model=str(dropout_free_model),
-                                        out=str(out)))
+                                        out=str(out), recompute=recompute))
     result = subprocess.run(torchrun_command([], str(script)), capture_output=True, text=True,
                             timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stderr

@@ -68,3 +68,20 @@ def test_modules_are_short_enough_to_read():
                if not {"tests", ".venv"} & set(p.relative_to(ROOT).parts)}
     assert lengths["train.py"] <= 300
     assert {path: n for path, n in lengths.items() if n > 400} == {}
+
+
+# What docs/adapting.md says a copy can drop with the code that chooses it in
+# runtime/launch.py: a copy that never runs on XLA, and one that runs in one process.
+DROPPABLE = [{"runtime.xla_sharding"},
+             {"runtime.torchrun", "runtime.sharding", "runtime.agreement"}]
+
+
+def test_what_a_copy_can_drop_only_the_launcher_imports():
+    for dropped in DROPPABLE:
+        for _, layer in LAYERS:
+            for path in layer:
+                if module_name(path) in dropped | {"runtime.launch"}:
+                    continue
+                kept_needs = {name.rsplit(".", 1)[0] if name.rsplit(".", 1)[0] in dropped
+                              else name for name in project_imports(path)} & dropped
+                assert not kept_needs, f"{path} imports {sorted(kept_needs)}"

@@ -115,7 +115,7 @@ CASES = [
      "--seq_length 129 is longer than the 128 positions of --model_shape tiny"),
     pytest.param(MEMORY, ["--device", "cuda"], CUDA, marks=NO_CUDA),
     (SHARDING, ["--processes", "0"], "--processes must be 1 or more"),
-    (SHARDING, ["--max_steps", "1"], "--max_steps must be 2 or more (tokens/s is read after"),
+    (SHARDING, ["--max_steps", "2"], "--max_steps must be 3 or more (the speed is read after"),
     (SHARDING, ["--memory_cap_gib", "0"], "--memory_cap_gib must be a finite number above 0"),
     (SHARDING, ["--shapes", "huge"], "argument --shapes: invalid choice"),
     # docs/plot_metrics.py: empty, cut and missing logs, an output it cannot write

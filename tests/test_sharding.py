@@ -8,19 +8,50 @@ import torch.distributed.checkpoint as dcp
 
 import runtime.rundir
 import train
+from model import load_model, load_tokenizer
 from runtime.checkpoint import check_resume_args
 from runtime.errors import InputError
+from runtime.xla_sharding import XlaFsdpBackend
 
 
 def last_error(capsys):
     return capsys.readouterr().err.strip().splitlines()[-1]
 
 
-def test_fsdp_without_torchrun_is_one_line(train_args, capsys):
+def test_fsdp_without_torchrun_is_one_line(train_args, capsys, tmp_path):
     assert train.main(train_args + ["--fsdp"]) == 1
     assert last_error(capsys) == (
         "error: --fsdp shards the model over the processes of a run: start it with torchrun "
         "(torchrun --nproc_per_node N train.py --fsdp ...), or leave --fsdp out")
+    assert not (tmp_path / "out").exists()  # refused before the run took its directory
+
+
+def sharded_model_folder(tiny_model, folder, dtype="bfloat16"):
+    """A --fsdp checkpoint's model part: its config (recording `dtype`) and shards/."""
+    folder.mkdir()
+    config = json.loads((tiny_model / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "torch_dtype": dtype}))
+    (folder / "shards").mkdir()
+    return folder
+
+
+def test_a_sharded_checkpoint_is_no_model_to_start_from_nor_to_generate_with(
+        tiny_model, tmp_path):
+    """Its weights are in shards that only a resumed --fsdp run reads: loaded as a model it
+    would be random weights, trained or sampled as if they were the checkpoint's."""
+    folder = sharded_model_folder(tiny_model, tmp_path / "checkpoint-4")
+    with pytest.raises(InputError) as refused:
+        load_model(str(folder), load_tokenizer(str(tiny_model)))
+    assert "a checkpoint saved under --fsdp holds its weights in shards, which only --resume " \
+           "reads (with --fsdp); the run's best model, whole, is in its " \
+           "--downstream_model_dir" in str(refused.value)
+
+
+def test_a_resumed_sharded_checkpoint_builds_fp32_master_weights_whatever_its_config_says(
+        tiny_model, tmp_path):
+    folder = sharded_model_folder(tiny_model, tmp_path / "checkpoint-4", dtype="bfloat16")
+    model = load_model(str(folder), load_tokenizer(str(tiny_model)), resuming=True)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
 SAVED = {"model": "m", "corpus": "c", "batch_size": 16, "world_size": 2, "fsdp": True,
@@ -106,3 +137,27 @@ def test_a_backend_that_cannot_reshard_refuses_another_number_of_replicas():
     with pytest.raises(InputError, match="the checkpoint was trained on 2 replicas and this "
                                          "run has 4; resume on as many devices"):
         check_resume_args(SAVED, resumed(world_size=4, batch_size=8), False, reshards=False)
+    assert not XlaFsdpBackend.reshards
+
+
+def test_a_checkpoint_missing_a_replica_rng_state_is_skipped(tmp_path):
+    checkpoint = sharded_checkpoint(tmp_path / "checkpoint-4")
+    torch.save({"progress": {"step": 4}, "settings": {"world_size": 2}},
+               checkpoint / "training_state.pt")
+    assert runtime.rundir.damage(checkpoint) == "rng_state_1.pt is missing (one per replica)"
+    torch.save({"cpu": torch.get_rng_state()}, checkpoint / "rng_state_1.pt")
+    assert runtime.rundir.damage(checkpoint) is None
+
+
+def test_xla_replicas_shards_are_complete_only_all_of_them_and_each_whole(tmp_path):
+    checkpoint = sharded_checkpoint(tmp_path / "checkpoint-4")
+    for path in (checkpoint / "shards").iterdir():  # XLA's layout instead of dcp's
+        path.unlink()
+    shards = [checkpoint / "shards" / f"shard_{rank}_of_2.pt" for rank in range(2)]
+    torch.save({"model": {"w": torch.ones(1000)}}, shards[0])
+    assert runtime.rundir.damage(checkpoint) == (
+        "shards does not load (holds 1 of 2 replicas' shards)")
+    torch.save({"model": {"w": torch.ones(1000)}}, shards[1])
+    assert runtime.rundir.damage(checkpoint) is None
+    shards[1].write_bytes(shards[1].read_bytes()[:200])
+    assert runtime.rundir.damage(checkpoint).startswith("shards does not load (")
