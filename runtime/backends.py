@@ -82,6 +82,7 @@ class Backend:
     fixed_shapes = False  # batches may be cut to their longest example
     shards_model = False  # each replica holds the whole model (runtime/sharding.py: not so)
     reshards = False  # loads a sharded checkpoint on another number of replicas
+    keeps_freed_memory = True  # on the CPU, for the next step (runtime/hardware.py)
 
     def __init__(self, kind, precision, activation_checkpointing=False):
         self.device = torch.device(kind)
@@ -90,7 +91,7 @@ class Backend:
         if kind == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores
             torch.backends.cudnn.allow_tf32 = True
-        if kind == "cpu":
+        if kind == "cpu" and self.keeps_freed_memory:
             keep_freed_memory()
 
     @property

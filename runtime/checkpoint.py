@@ -169,7 +169,7 @@ def export_best(out, backend, model, tokenizer, step):
 # --------------------------------------------------------------------------- resuming
 
 
-def check_resume_args(saved, current, warn=True, reshards=True):
+def check_resume_args(saved, current, warn=True, reshards=False):
     """Refuse to continue with settings that change the work; say what the rest do.
     `saved` and `current`: the checkpoint's settings and this run's, flag by flag, with what
     the flags leave to the machine (world_size, corpus, precision). `reshards`: whether this

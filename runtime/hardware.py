@@ -23,17 +23,6 @@ def keep_freed_memory():
     libc.mallopt(m_trim_threshold, 2**30)  # and give the heap's top back only past 1 GiB
 
 
-def give_back_freed_memory():
-    """Give the system the memory that glibc holds freed (keep_freed_memory): after a phase
-    that ran once and will not run again soon (the weights read and sent to every shard, the
-    whole model gathered for an evaluation or a save), what it freed would otherwise stay
-    held in pieces that later tensors of other sizes cannot all reuse."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
 def fast_bf16(kind):
     """Whether the device multiplies bf16 matrices much faster than fp32 ones: a GPU that
     supports bf16 (tensor cores), or a CPU with AMX tiles (Intel Xeon from Sapphire Rapids

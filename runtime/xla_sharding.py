@@ -131,6 +131,10 @@ class XlaFsdpBackend(XlaBackend):
 
     def load_shards(self, model, optimizer, folder):
         path = self.shard_file(folder)
+        if (Path(folder) / SHARDS / ".metadata").is_file():  # torch.distributed.checkpoint's
+            raise CheckpointError(f"--resume: {folder} was written by torchrun's processes "
+                                  f"(--fsdp under torchrun); resume it there, or start a new "
+                                  f"--downstream_model_dir")
         if not path.exists():
             raise CheckpointError(f"--resume: {folder} holds no shard for replica {self.rank} "
                                   f"of {self.world_size}; resume on as many replicas as "

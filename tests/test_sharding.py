@@ -1,6 +1,8 @@
 """--fsdp's checks that need no processes: where it is refused, what a sharded checkpoint
 may resume with, and how a damaged one is found (the runs are in tests/test_fsdp.py)."""
+import functools
 import json
+import types
 
 import pytest
 import torch
@@ -10,7 +12,8 @@ import runtime.rundir
 import train
 from model import load_model, load_tokenizer
 from runtime.checkpoint import check_resume_args
-from runtime.errors import InputError
+from runtime.errors import CheckpointError, InputError
+from runtime.sharding import FsdpBackend
 from runtime.xla_sharding import XlaFsdpBackend
 
 
@@ -63,14 +66,14 @@ def resumed(**changes):
 
 
 def test_a_sharded_checkpoint_resumes_on_other_processes_with_the_same_global_batch(capsys):
-    check_resume_args(SAVED, resumed(world_size=1, batch_size=32))
+    check_resume_args(SAVED, resumed(world_size=1, batch_size=32), reshards=True)
     assert capsys.readouterr().err.strip().splitlines() == [
         "warning: --resume: the checkpoint was trained on 2 processes and this run has 1: "
         "resharded, with the same global batch of 32, it continues the run, no longer bit "
         "for bit"]
-    check_resume_args(SAVED, resumed(world_size=4, batch_size=8))
+    check_resume_args(SAVED, resumed(world_size=4, batch_size=8), reshards=True)
     assert "on 2 processes and this run has 4" in capsys.readouterr().err
-    check_resume_args(SAVED, resumed())
+    check_resume_args(SAVED, resumed(), reshards=True)
     assert capsys.readouterr().err == ""
 
 
@@ -93,16 +96,17 @@ def test_a_sharded_checkpoint_resumes_on_other_processes_with_the_same_global_ba
 ])
 def test_what_a_sharded_checkpoint_refuses(current, message):
     with pytest.raises(InputError) as refused:
-        check_resume_args(SAVED, current, warn=False)
+        check_resume_args(SAVED, current, warn=False, reshards=True)
     assert str(refused.value).startswith(message)
 
 
 def test_an_unsharded_checkpoint_refuses_fsdp_and_other_processes():
     unsharded = {k: v for k, v in SAVED.items() if k != "fsdp"}  # saved before --fsdp
     with pytest.raises(InputError, match="saved without --fsdp; resume it without --fsdp"):
-        check_resume_args(unsharded, resumed(), warn=False)
+        check_resume_args(unsharded, resumed(), warn=False, reshards=True)
     with pytest.raises(InputError, match="trained on 2 replicas and this run has 1"):
-        check_resume_args(unsharded, resumed(fsdp=False, world_size=1, batch_size=32), False)
+        check_resume_args(unsharded, resumed(fsdp=False, world_size=1, batch_size=32), False,
+                          reshards=True)
 
 
 def sharded_checkpoint(folder):
@@ -161,3 +165,19 @@ def test_xla_replicas_shards_are_complete_only_all_of_them_and_each_whole(tmp_pa
     assert runtime.rundir.damage(checkpoint) is None
     shards[1].write_bytes(shards[1].read_bytes()[:200])
     assert runtime.rundir.damage(checkpoint).startswith("shards does not load (")
+
+
+def test_each_sharded_layout_resumed_by_the_other_backend_names_where_it_resumes(tmp_path):
+    """torchrun's shards (torch.distributed.checkpoint) on a TPU host, XLA's under torchrun."""
+    replica = types.SimpleNamespace(rank=0, world_size=2)
+    replica.shard_file = functools.partial(XlaFsdpBackend.shard_file, replica)
+    torchruns = sharded_checkpoint(tmp_path / "checkpoint-4")
+    with pytest.raises(CheckpointError, match=f"--resume: {torchruns} was written by "
+                                              f"torchrun's processes .--fsdp under torchrun.; "
+                                              f"resume it there"):
+        XlaFsdpBackend.load_shards(replica, None, None, torchruns)
+    xlas = tmp_path / "checkpoint-6"
+    (xlas / "shards").mkdir(parents=True)
+    torch.save({"model": {}}, xlas / "shards" / "shard_0_of_2.pt")
+    with pytest.raises(CheckpointError, match=f"--resume: {xlas} was written by XLA replicas"):
+        FsdpBackend.load_shards(replica, None, None, xlas)
