@@ -33,7 +33,6 @@ import os  # noqa: E402
 import shlex  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
-import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from datetime import date  # noqa: E402
@@ -43,7 +42,7 @@ import psutil  # noqa: E402
 import fixtures  # noqa: E402
 import options  # noqa: E402
 from options import check_at_least, check_positive  # noqa: E402
-from xla_replicas import one_line_errors  # noqa: E402
+from xla_replicas import one_line_errors, work_folder  # noqa: E402
 
 # GPT-2 shapes with KoGPT2's vocabulary (51,200): `kogpt2` is skt/kogpt2-base-v2's (125M
 # parameters), `gpt2-large` GPT-2 large's (774M), `tiny` the tests'.
@@ -239,13 +238,8 @@ def print_table(rows, args):
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
-    if args.work:
-        work = Path(args.work).resolve()
-        work.mkdir(parents=True, exist_ok=True)
+    with work_folder(args.work, "sharding-") as work:
         rows = run_all(args, work)
-    else:
-        with tempfile.TemporaryDirectory(prefix="sharding-") as tmp:
-            rows = run_all(args, Path(tmp))
     print_table(rows, args)
     return 0 if all(row[3] == 0 or "cap" in str(row[3]) for row in rows) else 1
 

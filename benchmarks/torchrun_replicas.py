@@ -32,13 +32,12 @@ import shlex  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import fixtures  # noqa: E402
 import options  # noqa: E402
 from options import check_at_least  # noqa: E402
-from xla_replicas import (check_args, dropout_free_fixture_model,  # noqa: E402
+from xla_replicas import (check_args, dropout_free_fixture_model, work_folder,  # noqa: E402
                           max_weight_difference, one_line_errors, val_losses)
 
 
@@ -147,13 +146,8 @@ def main(argv=None):
     args = parse_args(argv)
     check_args(args, "processes")
     check_at_least(1, args, "repeats")
-    if args.work:
-        work = Path(args.work).resolve()
-        work.mkdir(parents=True, exist_ok=True)
+    with work_folder(args.work, "torchrun-replicas-") as work:
         rows = run_all(args, work)
-    else:
-        with tempfile.TemporaryDirectory(prefix="torchrun-replicas-") as tmp:
-            rows = run_all(args, Path(tmp))
     if rows:
         print_tables(rows, args)
     return 0 if rows else 1

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import shlex  # noqa: E402
@@ -73,6 +74,19 @@ def check_args(args, counts="replicas"):
     if bad:
         raise InputError(f"--global_batch {args.global_batch} does not split over {bad} "
                          f"{counts}; give --{counts} that divide it")
+
+
+@contextlib.contextmanager
+def work_folder(work, prefix):
+    """--work's folder, created if need be and kept; unset, a temporary one removed at the
+    end."""
+    if work:
+        folder = Path(work).resolve()
+        folder.mkdir(parents=True, exist_ok=True)
+        yield folder
+    else:
+        with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+            yield Path(tmp)
 
 
 def one_line_errors(main):
@@ -175,13 +189,8 @@ def print_table(rows, args):
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
-    if args.work:
-        work = Path(args.work).resolve()
-        work.mkdir(parents=True, exist_ok=True)
+    with work_folder(args.work, "xla-replicas-") as work:
         rows, ok = run_all(args, work)
-    else:
-        with tempfile.TemporaryDirectory(prefix="xla-replicas-") as tmp:
-            rows, ok = run_all(args, Path(tmp))
     if rows:
         print_table(rows, args)
     return 0 if ok else 1
