@@ -4,8 +4,8 @@
     python benchmarks/sharding.py [--shapes kogpt2 gpt2-large] [--modes ddp fsdp fsdp+ac]
                                   [--processes 2] [--max_steps 3] [--memory_cap_gib 20]
 
-Each process's peak is the most private memory (resident, not backed by a file: its
-tensors) this script saw it hold, read every 0.2 s while the run lasts; tokens/s is
+Each process's peak is the most resident memory not backed by a file (its tensors:
+RssAnon + RssShmem) this script saw it hold, read every 0.2 s while the run lasts; tokens/s is
 train.py's own figure (metrics.jsonl, training time only), over the steps after the first;
 s/step the time between the lines of consecutive steps from the second on, as seen every
 0.2 s (so it includes the report). A run whose processes together pass --memory_cap_gib is
@@ -129,7 +129,7 @@ def train_events(out):
 
 def run_watched(command, out, cap_bytes, timeout):
     """Run `command`; returns (exit status or a reason, wall seconds, peak bytes of each
-    worker process, seconds a step). Every 0.2 s it reads each worker's private memory and
+    worker process, seconds a step). Every 0.2 s it reads each worker's memory (private_bytes) and
     whether a step's line has reached `out`/metrics.jsonl; it stops the run once the
     workers together hold more than `cap_bytes`."""
     started = time.perf_counter()

@@ -300,14 +300,16 @@ def restore(path, cfg, backend, optimizer, scheduler, settings):
                           settings["weight_decay"])
     progress = Progress(**state["progress"])
     rng_state = path / f"rng_state_{backend.rank}.pt"
-    if rng_state.is_file():
-        backend.set_rng_state(torch.load(rng_state, weights_only=True))
-    elif backend.reshards and backend.rank >= saved["world_size"]:
-        # Resharded onto more processes than saved: a stream of its own (seed, rank, step).
+    new_stream = backend.reshards and backend.rank >= saved["world_size"]  # more than saved
+    # Agreed: a replica that alone raised would leave the others waiting in a collective.
+    if backend.any_replica(not rng_state.is_file() and not new_stream):
+        raise CheckpointError(f"--resume: {path} lacks a replica's rng_state_<rank>.pt "
+                              f"(copied in part?); copy the whole checkpoint folder, or "
+                              f"resume an earlier one")
+    if new_stream:  # a random stream of its own: (seed, rank, step)
         torch.manual_seed(settings["seed"] + 1_000_003 * backend.rank + progress.step)
     else:
-        raise CheckpointError(f"--resume: {path} has no {rng_state.name} (copied in part?); "
-                              f"copy the whole checkpoint folder, or resume an earlier one")
+        backend.set_rng_state(torch.load(rng_state, weights_only=True))
     if not continues_here(str(path), cfg.downstream_model_dir):
         progress.best_val_loss = math.inf  # a new folder: its first evaluation exports
     master_writes(backend, lambda: drop_later_checkpoints(cfg.downstream_model_dir,

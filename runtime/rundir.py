@@ -161,9 +161,9 @@ def damage(path):
                 raise ValueError(f"holds a {type(state).__name__}, not a dict")
             if name == "training_state.pt":
                 saved = state.get("settings", state.get("args", {}))
+                replicas = int(saved.get("world_size", 1)) if isinstance(saved, dict) else 1
     except Exception as e:  # whatever a damaged file makes its reader raise
         return f"{name} does not load ({first_line(e)})"
-    replicas = saved.get("world_size", 1) if isinstance(saved, dict) else 1
     missing = [f"rng_state_{rank}.pt" for rank in range(replicas)
                if not (path / f"rng_state_{rank}.pt").is_file()]
     return f"{missing[0]} is missing (one per replica)" if missing else None

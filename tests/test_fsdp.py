@@ -187,7 +187,7 @@ import torch
 from model import load_tokenizer
 from runtime.sharding import FsdpBackend
 backend = FsdpBackend("cpu", "fp32", activation_checkpointing={recompute})
-model = backend.load_model({model!r}, load_tokenizer({model!r}))
+model = backend.load_model({model!r}, load_tokenizer({model!r})).train()  # as train.py
 backend.distribute(model)
 assert model.is_gradient_checkpointing == {recompute}
 ids = torch.arange(2, 18).view(2, 8)[backend.rank:backend.rank + 1]  # a row each
