@@ -2,7 +2,7 @@
 `torchrun --nproc_per_node N train.py` on the CPU, for randomly initialised GPT-2 shapes.
 
     python benchmarks/sharding.py [--shapes kogpt2 gpt2-large] [--modes ddp fsdp fsdp+ac]
-                                  [--processes 2] [--max_steps 3] [--memory_cap_gib 20]
+                                  [--processes 2] [--max_steps 4] [--memory_cap_gib 20]
 
 Each process's peak is the most resident memory not backed by a file (its tensors:
 RssAnon + RssShmem) this script saw it hold, read every 0.2 s while the run lasts; tokens/s is
