@@ -11,6 +11,11 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach for the network
+# XLA:CPU spends most of a tiny run in LLVM, compiling each graph; the tests check what the
+# graphs compute, not how fast the CPU's code for them runs. Unoptimised code computes the
+# same to rounding (a sum taken in another order), and every run of a test compiles alike;
+# an XLA run, in-process or a child process, then compiles in about half the time.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 
 import fixtures  # noqa: E402
 import xla_cpu_replicas  # noqa: E402
