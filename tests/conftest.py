@@ -2,6 +2,7 @@
 and a helper that runs `python train.py` as a real process."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,43 @@ def tiny_model(tmp_path_factory):
     return fixtures.build_tiny_kogpt2(tmp_path_factory.mktemp("model"), texts)
 
 
+@pytest.fixture(scope="session")
+def dropout_free_model(tiny_model, tmp_path_factory):
+    """The tiny model without dropout, so that any split of a batch computes one function:
+    the replica, torchrun and FSDP tests compare runs that split a batch differently."""
+    out = tmp_path_factory.mktemp("dropout-free")
+    for f in tiny_model.iterdir():
+        shutil.copy(f, out)
+    config = json.loads((out / "config.json").read_text())
+    config.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+GLOBAL_BATCH = 32  # N XLA replicas x --batch_size 32/N; 258 reviews give 8 steps an epoch
+
+
+def replica_args(model, corpus, out, replicas, *extra):
+    """Arguments for train.py on `replicas` XLA replicas with the global batch of 32."""
+    return ["--pretrained_model_name", str(model), "--downstream_corpus_root_dir", str(corpus),
+            "--downstream_model_dir", str(out), "--cache_dir", str(out.parent / "cache"),
+            "--batch_size", str(GLOBAL_BATCH // replicas), "--learning_rate", "1e-3",
+            "--log_every", "1", *extra]
+
+
+@pytest.fixture(scope="session")
+def one_replica(dropout_free_model, tmp_path_factory):
+    """(corpus, output folder) of the XLA tests' reference: one replica with the whole
+    global batch, 4 steps; what N replicas, sharded or not, must train too."""
+    root = tmp_path_factory.mktemp("one-replica")
+    corpus = fixtures.write_corpus(root / "corpus")
+    out = root / "out"
+    result = run_train(replica_args(dropout_free_model, corpus, out, 1, "--max_steps", "4"),
+                       replicas=1)
+    assert result.returncode == 0, result.stderr
+    return corpus, out
+
+
 @pytest.fixture
 def corpus(tmp_path):
     """`root` holding nsmc/ratings_train.txt (256 reviews plus a blank, a quoted and a
@@ -35,15 +73,20 @@ def corpus(tmp_path):
     return fixtures.write_corpus(tmp_path / "corpus")
 
 
+def quick_run_args(model, corpus, folder):
+    """Arguments for a quick CPU run of train.py that writes into `folder`/out."""
+    return ["--pretrained_model_name", str(model),
+            "--downstream_corpus_root_dir", str(corpus),
+            "--downstream_model_dir", str(folder / "out"),
+            "--cache_dir", str(folder / "cache"),
+            "--batch_size", "16", "--learning_rate", "1e-3", "--log_every", "1",
+            "--device", "cpu"]
+
+
 @pytest.fixture
 def train_args(tiny_model, corpus, tmp_path):
     """Arguments for a quick run of train.py on the fixtures; tests append their own."""
-    return ["--pretrained_model_name", str(tiny_model),
-            "--downstream_corpus_root_dir", str(corpus),
-            "--downstream_model_dir", str(tmp_path / "out"),
-            "--cache_dir", str(tmp_path / "cache"),
-            "--batch_size", "16", "--learning_rate", "1e-3", "--log_every", "1",
-            "--device", "cpu"]
+    return quick_run_args(tiny_model, corpus, tmp_path)
 
 
 def run_train(args, env=None, timeout=600, replicas=None, script="train.py", **kwargs):

@@ -9,13 +9,7 @@ import pytest
 import torch
 from conftest import ROOT, read_metrics, run_train
 from test_replicas import assert_same_run, assert_same_weights, max_weight_difference
-from test_torchrun import (  # noqa: F401
-    dropout_free_model,
-    error_lines,
-    run_args,
-    torchrun,
-    torchrun_command,
-)
+from test_torchrun import error_lines, run_args, torchrun, torchrun_command
 from transformers import AutoModelForCausalLM
 
 import runtime.rundir
@@ -42,7 +36,7 @@ def assert_same_losses(a, b, tolerance):
 
 
 def test_two_sharded_processes_train_what_one_process_with_a_double_batch_trains(
-        dropout_free_model, corpus, tmp_path):  # noqa: F811
+        dropout_free_model, corpus, tmp_path):
     """2 processes x 16 examples, and x 8 examples x 2 accumulated (the gradients reduced
     after the last micro-batch only), against one process with 32: the same losses and
     weights, to the DDP test's tolerance. A low --max_grad_norm clips every step, so a norm
@@ -105,7 +99,7 @@ def test_a_checkpoint_that_one_process_cannot_write_is_one_line_and_keeps_the_la
 
 
 def test_a_checkpoint_of_2_processes_resumes_on_1_and_on_2(
-        dropout_free_model, corpus, tmp_path):  # noqa: F811
+        dropout_free_model, corpus, tmp_path):
     """Resharded onto 1 process with the same global batch, the run continues where the
     epoch stood (the same examples each step): the losses of the run on 2, to rounding; on
     2 again, exactly. Another global batch is refused in one line naming the fix."""
@@ -201,7 +195,7 @@ backend.close()
 
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["", "activation_checkpointing"])
-def test_clip_grad_norm_takes_the_norm_over_every_process_shards(dropout_free_model, tmp_path,  # noqa: F811,E501
+def test_clip_grad_norm_takes_the_norm_over_every_process_shards(dropout_free_model, tmp_path,
                                                                  recompute):
     """torch.nn.utils.clip_grad_norm_, as train_step calls it, on FSDP's sharded gradients:
     the norm of the whole gradient (not of one process's shards), and every shard scaled by

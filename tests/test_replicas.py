@@ -1,9 +1,7 @@
 """The XLA path with 2, 4 and 8 real replicas on the CPU (tests/xla_cpu_replicas.py): the
 replicas together compute what one device computes, and everything that needs their
 agreement (evaluation, checkpoints, signals, resume, failures) works across them."""
-import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import xla_cpu_replicas
-from conftest import ROOT, read_metrics, run_train
+from conftest import GLOBAL_BATCH, ROOT, read_metrics, replica_args, run_train
+from interrupt import awaiting_mark
 from safetensors.torch import load_file
 
 import runtime.backends
@@ -21,40 +20,6 @@ import runtime.rundir
 from runtime.errors import InputError
 
 pytestmark = pytest.mark.slow  # every test here runs train.py or generate.py as a process
-
-GLOBAL_BATCH = 32  # N replicas x --batch_size 32/N; 258 reviews give 8 steps an epoch
-
-
-@pytest.fixture(scope="module")
-def dropout_free_model(tiny_model, tmp_path_factory):
-    """The tiny model without dropout, so that any split of a batch computes one function."""
-    out = tmp_path_factory.mktemp("dropout-free")
-    for f in tiny_model.iterdir():
-        shutil.copy(f, out)
-    config = json.loads((out / "config.json").read_text())
-    config.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    (out / "config.json").write_text(json.dumps(config))
-    return out
-
-
-def replica_args(model, corpus, out, replicas, *extra):
-    return ["--pretrained_model_name", str(model), "--downstream_corpus_root_dir", str(corpus),
-            "--downstream_model_dir", str(out), "--cache_dir", str(out.parent / "cache"),
-            "--batch_size", str(GLOBAL_BATCH // replicas), "--learning_rate", "1e-3",
-            "--log_every", "1", *extra]
-
-
-@pytest.fixture(scope="module")
-def one_replica(dropout_free_model, tmp_path_factory):
-    """The reference: one XLA replica with the whole global batch."""
-    root = tmp_path_factory.mktemp("one-replica")
-    import fixtures
-    corpus = fixtures.write_corpus(root / "corpus")
-    out = root / "out"
-    result = run_train(replica_args(dropout_free_model, corpus, out, 1, "--max_steps", "4"),
-                       replicas=1)
-    assert result.returncode == 0, result.stderr
-    return corpus, out
 
 
 def max_weight_difference(a, b):
@@ -131,36 +96,53 @@ def assert_same_run(a, b):
     assert max_weight_difference(a, b) == 0
 
 
-def test_sigterm_to_the_launcher_saves_every_replica_once_and_resume_continues_exactly(
+def all_await_the_signal(train_args, replicas):
+    """Every replica of an `interrupt.py await-signal` run waits for the signal."""
+    return all(awaiting_mark(train_args, rank).exists() for rank in range(replicas))
+
+
+def test_sigterm_kill_9_and_resume_at_4_replicas_end_as_an_uninterrupted_run(
         tiny_model, corpus, tmp_path):
-    """Four replicas, dropout on: SIGTERM to the launcher stops every replica at the same
-    step, with one checkpoint holding each replica's state; --resume latest then ends
-    where an uninterrupted run ends; another number of replicas is refused."""
-    run = ["--epochs", "2", "--log_every", "2", "--keep_checkpoints", "5"]
+    """Dropout on, so each replica's random stream must continue exactly. One run is
+    stopped two ways in turn, resumed with --resume latest each time, and ends as the
+    uninterrupted run ends: SIGTERM to the launcher (a preempted TPU host) stops every
+    replica at the same step, with one checkpoint holding each replica's state; kill -9 of
+    the replicas' process loses only what came after the last checkpoint. Then another
+    number of replicas is refused the checkpoint."""
+    run = ["--max_steps", "12", "--save_every_steps", "4", "--log_every", "2",
+           "--keep_checkpoints", "5"]
     reference = tmp_path / "reference"
     result = run_train(replica_args(tiny_model, corpus, reference, 4, *run), replicas=4)
     assert result.returncode == 0, result.stderr
 
     out = tmp_path / "out"
     args = replica_args(tiny_model, corpus, out, 4, *run)
-    process = start(args, 4)
+    process = start(["await-signal", "2", "--", *args], 4, script="tests/interrupt.py")
     try:
-        wait_for(lambda: 2 in trained_steps(out), process, "training step 2")
+        wait_for(lambda: all_await_the_signal(args, 4), process, "step 2 in every replica")
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=300)
     finally:
         process.kill()
     assert process.returncode == 128 + signal.SIGTERM, stderr
-    stopped = int(stderr.split("stopped by SIGTERM at step ")[1].split(":")[0])
-    assert stopped < 16 and stopped % 2 == 0       # replicas agree at report steps
-    saved = out / f"checkpoint-{stopped}"
-    assert runtime.rundir.is_complete(saved) and "--resume latest" in stderr
+    assert "stopped by SIGTERM at step 2: saved" in stderr and "--resume latest" in stderr
+    saved = out / "checkpoint-2"
+    assert runtime.rundir.is_complete(saved)
     assert sorted(p.name for p in saved.glob("rng_state_*.pt")) == [
         f"rng_state_{rank}.pt" for rank in range(4)]
 
+    # SIGKILL to the replicas' process as soon as step 10 is computed, after checkpoint-8.
+    killed = run_train(["sigkill", "10", "--", *args, "--resume", "latest"], replicas=4,
+                       script="tests/interrupt.py")
+    assert killed.returncode != 0
+    # The launcher names the signal, which nothing else prints.
+    assert "error: a replica process ended early (pid " in killed.stderr
+    assert " killed by SIGKILL); nothing after the last checkpoint was saved" in killed.stderr
+    assert runtime.rundir.latest_checkpoint(out).name == "checkpoint-8"
+
     resumed = run_train(args + ["--resume", "latest"], replicas=4)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"(step {stopped}," in resumed.stdout
+    assert "(step 8," in resumed.stdout
     assert_same_run(out, reference)
 
     other = replica_args(tiny_model, corpus, out, 2, *run, "--batch_size", "8")
@@ -172,29 +154,25 @@ def test_sigterm_to_the_launcher_saves_every_replica_once_and_resume_continues_e
         "for XLA on the CPU, the same TPU), or start a new --downstream_model_dir")
 
 
-@pytest.mark.parametrize("replicas", [1, 2])
-def test_kill_9_then_resume_ends_with_the_weights_of_an_uninterrupted_xla_run(
-        tiny_model, corpus, tmp_path, replicas):
-    """Dropout on: the device's random stream must continue exactly after a resume."""
+def test_kill_9_then_resume_ends_with_the_weights_of_an_uninterrupted_one_replica_run(
+        tiny_model, corpus, tmp_path):
+    """Dropout on: the device's random stream must continue exactly after a resume. One
+    replica runs in a process of its own too (--tpu_cores 1, or --device xla)."""
     run = ["--max_steps", "12", "--save_every_steps", "4", "--log_every", "2"]
     reference = tmp_path / "reference"
-    result = run_train(replica_args(tiny_model, corpus, reference, replicas, *run),
-                       replicas=replicas)
+    result = run_train(replica_args(tiny_model, corpus, reference, 1, *run), replicas=1)
     assert result.returncode == 0, result.stderr
 
     out = tmp_path / "out"
-    args = replica_args(tiny_model, corpus, out, replicas, *run)
-    # SIGKILL to the replicas' process as soon as step 6 is computed, after checkpoint-4.
-    killed = run_train(["sigkill", "6", "--", *args], replicas=replicas,
-                       script="tests/interrupt.py")
+    args = replica_args(tiny_model, corpus, out, 1, *run)
+    # SIGKILL to the replica's process as soon as step 6 is computed, after checkpoint-4.
+    killed = run_train(["sigkill", "6", "--", *args], replicas=1, script="tests/interrupt.py")
     assert killed.returncode != 0
-    # The replicas' process was killed (one replica too runs in a process of its own): the
-    # launcher names the signal, which nothing else prints.
     assert "error: a replica process ended early (pid " in killed.stderr
     assert " killed by SIGKILL); nothing after the last checkpoint was saved" in killed.stderr
     assert runtime.rundir.latest_checkpoint(out).name == "checkpoint-4"
 
-    resumed = run_train(args + ["--resume", "latest"], replicas=replicas)
+    resumed = run_train(args + ["--resume", "latest"], replicas=1)
     assert resumed.returncode == 0, resumed.stderr
     assert_same_run(out, reference)
 

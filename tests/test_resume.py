@@ -7,8 +7,9 @@ import sys
 import time
 from pathlib import Path
 
+import fixtures
 import pytest
-from conftest import ROOT, read_metrics, run_train
+from conftest import ROOT, quick_run_args, read_metrics, run_train
 from safetensors.torch import load_file
 
 import runtime.rundir
@@ -36,13 +37,15 @@ def assert_same_weights(a, b):
         assert wa[name].equal(wb[name]), f"{name} differs"
 
 
-@pytest.fixture
-def uninterrupted(train_args, tmp_path):
-    """The reference: the same run, never stopped."""
-    args = train_args + RUN + ["--downstream_model_dir", str(tmp_path / "reference")]
-    result = run_train(args)
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model, tmp_path_factory):
+    """The reference, run once for the tests below: the same run, never stopped (on a
+    corpus folder of its own, which holds the same reviews)."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    corpus = fixtures.write_corpus(folder / "corpus")
+    result = run_train(quick_run_args(tiny_model, corpus, folder) + RUN)
     assert result.returncode == 0, result.stderr
-    return tmp_path / "reference"
+    return folder / "out"
 
 
 @pytest.mark.slow

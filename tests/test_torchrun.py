@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 
-import fixtures
 import pytest
 from conftest import ROOT, read_metrics, run_train
 from interrupt import awaiting_mark
@@ -93,15 +92,6 @@ def run_args(model, corpus, out, batch_size, *extra):
             "--downstream_model_dir", str(out), "--cache_dir", str(out.parent / "cache"),
             "--batch_size", str(batch_size), "--learning_rate", "1e-3", "--log_every", "1",
             "--device", "cpu", *extra]
-
-
-@pytest.fixture(scope="module")
-def dropout_free_model(tmp_path_factory):
-    """The tests' tiny model without dropout, so that any split of a batch computes one
-    function."""
-    texts = [doc for doc, _ in fixtures.make_reviews(400)] + ['"최고의 영화" 라고']
-    return fixtures.build_tiny_kogpt2(tmp_path_factory.mktemp("dropout-free"), texts,
-                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
 
 def test_two_processes_train_what_one_process_with_a_double_batch_trains(

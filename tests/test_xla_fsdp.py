@@ -4,9 +4,8 @@ the whole batch trains, and the model they export is one that from_pretrained lo
 import json
 
 import pytest
-from conftest import read_metrics, run_train
-from test_replicas import (assert_same_run, assert_same_weights,  # noqa: F401
-                           dropout_free_model, one_replica, replica_args)
+from conftest import read_metrics, replica_args, run_train
+from test_replicas import assert_same_run, assert_same_weights
 from transformers import AutoModelForCausalLM
 
 import runtime.rundir
@@ -16,7 +15,7 @@ pytestmark = pytest.mark.slow  # every test here runs train.py as a process
 
 @pytest.mark.parametrize("replicas", [2, 4])
 def test_sharded_replicas_train_what_one_replica_with_an_n_fold_batch_trains(
-        dropout_free_model, one_replica, tmp_path, replicas):  # noqa: F811
+        dropout_free_model, one_replica, tmp_path, replicas):
     corpus, reference = one_replica
     out = tmp_path / "out"
     args = replica_args(dropout_free_model, corpus, out, replicas, "--max_steps", "4", "--fsdp")
