@@ -17,6 +17,12 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach for the network
 # same to rounding (a sum taken in another order), and every run of a test compiles alike;
 # an XLA run, in-process or a child process, then compiles in about half the time.
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+# pytest.ini runs two tests at once (pytest-xdist). Each would start torch with a thread per
+# core: on two cores, four busy threads that spend the surplus waiting for each other (the
+# slow tier took half again as much CPU time, and ended no sooner). One thread in each
+# worker, inherited by the processes its tests start.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import fixtures  # noqa: E402
 import xla_cpu_replicas  # noqa: E402

@@ -211,3 +211,13 @@ def test_the_cpu_only_install_matches_the_requirements():
     pinned = re.search(r"^torch==(\S+)", text(ROOT / "requirements.txt"), re.M).group(1)
     for page in ["README.md", "README.ko.md"]:
         assert f"pip install torch=={pinned} --index-url" in text(ROOT / page), page
+
+
+def test_each_test_worker_runs_torch_on_one_thread():
+    """docs/testing.md: pytest.ini runs two tests at a time, and tests/conftest.py gives
+    each worker one torch thread (inherited by the processes its tests start), unless
+    OMP_NUM_THREADS is set already."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        pytest.skip("one test at a time (-n 0): torch keeps a thread per core")
+    import torch
+    assert torch.get_num_threads() == int(os.environ["OMP_NUM_THREADS"])
