@@ -42,6 +42,7 @@ def main(argv=None):
     for rank, line in enumerate(backend.barrier("rss", f"{peak_rss_mib():.0f}")):
         if backend.is_master:
             print(f"process {rank}: peak RSS {line} MiB", flush=True)
+    del model  # before its process group, which close() destroys
     backend.close()
 
 

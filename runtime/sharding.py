@@ -107,6 +107,10 @@ class FsdpBackend(TorchrunBackend):
         self.weights, self.model = None, model
         return model
 
+    def close(self):
+        self.model = None  # before the process group goes (TorchrunBackend.close)
+        super().close()
+
     def gradient_sync(self, model, sync):
         # Without sync, the backward keeps the gradients unsharded, to be summed with the
         # next micro-batch's; the last one's reduce-scatters the sum.

@@ -3,6 +3,7 @@
 averages the gradients. sharding.py's `FsdpBackend` builds on it."""
 import contextlib
 import datetime
+import gc
 import os
 
 import torch
@@ -109,4 +110,9 @@ class TorchrunBackend(Backend):
             torch.manual_seed(self.base_seed + 1_000_003 * self.rank)
 
     def close(self):
+        # What used the process group (DDP's reducer, FSDP's shards) must be gone before it
+        # is destroyed: freed later, at the interpreter's exit, it now and then ended a
+        # finished run with SIGABRT ("terminate called without an active exception"). Their
+        # hooks keep the model in reference cycles, which only a collection frees.
+        gc.collect()
         self.dist.destroy_process_group()

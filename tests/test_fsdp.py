@@ -176,6 +176,7 @@ def test_load_once_reports_each_process_peak_memory(tiny_model, mode):
 
 CLIP_CHECK = """
 import sys
+import weakref
 sys.path.insert(0, {root!r})
 import torch
 from model import load_tokenizer
@@ -190,7 +191,10 @@ norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3).full_tensor()  #
 grads = {{name: p.grad.full_tensor() for name, p in model.named_parameters()}}
 if backend.is_master:
     torch.save({{"norm": norm, "grads": grads}}, {out!r})
+alive = weakref.ref(model)
+del model
 backend.close()
+assert alive() is None, "the sharded model outlived its process group"
 """
 
 
@@ -200,7 +204,8 @@ def test_clip_grad_norm_takes_the_norm_over_every_process_shards(dropout_free_mo
     """torch.nn.utils.clip_grad_norm_, as train_step calls it, on FSDP's sharded gradients:
     the norm of the whole gradient (not of one process's shards), and every shard scaled by
     it, as one process holding both rows computes; also when each block recomputes its
-    activations in the backward (--activation_checkpointing with --fsdp)."""
+    activations in the backward (--activation_checkpointing with --fsdp). Closed, the
+    backend leaves nothing of the model to outlive the process group."""
     script, out = tmp_path / "clip_check.py", tmp_path / "clipped.pt"
     script.write_text(CLIP_CHECK.format(root=str(ROOT), model=str(dropout_free_model),
                                         out=str(out), recompute=recompute))
