@@ -112,7 +112,7 @@ class TorchrunBackend(Backend):
     def close(self):
         # What used the process group (DDP's reducer, FSDP's shards) must be gone before it
         # is destroyed: freed later, at the interpreter's exit, it now and then ended a
-        # finished run with SIGABRT ("terminate called without an active exception"). Their
-        # hooks keep the model in reference cycles, which only a collection frees.
+        # finished run with SIGABRT ("terminate called without an active exception").
+        # FSDP's hooks keep the model in reference cycles, which only a collection frees.
         gc.collect()
         self.dist.destroy_process_group()

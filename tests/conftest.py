@@ -19,7 +19,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach for the network
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 # pytest.ini runs two tests at once (pytest-xdist). Each would start torch with a thread per
 # core: on two cores, four busy threads that spend the surplus waiting for each other (the
-# slow tier took half again as much CPU time, and ended no sooner). One thread in each
+# slow tier took half again as much CPU time, and ended hardly sooner). One thread in each
 # worker, inherited by the processes its tests start.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
