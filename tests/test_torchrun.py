@@ -11,8 +11,8 @@ import time
 
 import pytest
 from conftest import ROOT, read_metrics, run_train
-from interrupt import awaiting_mark
 from test_replicas import (
+    all_await_the_signal,
     assert_same_run,
     assert_same_weights,
     max_weight_difference,
@@ -34,11 +34,6 @@ def torchrun_command(args, script="train.py", nproc=2):
 def start_torchrun(args, script="train.py"):
     return subprocess.Popen(torchrun_command(args, script), cwd=ROOT, env=os.environ,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def both_await_the_signal(train_args):
-    """Both processes of an `interrupt.py await-signal` run wait for the signal."""
-    return all(awaiting_mark(train_args, rank).exists() for rank in range(2))
 
 
 def torchrun(args, script="train.py", timeout=300):
@@ -147,7 +142,7 @@ def test_sigterm_kill_9_and_resume_at_2_processes_end_as_an_uninterrupted_run(
     # SIGTERM to torchrun, which passes it on to each process (a preempted machine, `kill`).
     process = start_torchrun(["await-signal", "2", "--", *args], "tests/interrupt.py")
     try:
-        wait_for(lambda: both_await_the_signal(args), process, "step 2 in both processes")
+        wait_for(lambda: all_await_the_signal(args, 2), process, "step 2 in both processes")
         second = run_train(args + ["--resume", "latest"])  # the first process holds the lock
         assert second.returncode == 1 and "is in use by another training run" in second.stderr
         process.send_signal(signal.SIGTERM)
@@ -253,7 +248,7 @@ def test_processes_whose_torchrun_is_killed_save_their_step_and_stop(
     # training would still be there.
     process = start_torchrun(["await-signal", "2", "--", *args], "tests/interrupt.py")
     try:
-        wait_for(lambda: both_await_the_signal(args), process, "step 2 in both processes")
+        wait_for(lambda: all_await_the_signal(args, 2), process, "step 2 in both processes")
         process.kill()
         killed = time.monotonic()
         # The processes hold torchrun's output pipes: they are closed once both have ended.
